@@ -1,0 +1,642 @@
+"""LLaVA-1.5 in one file: CLIP vision tower, projector, Llama decoder, and FastV at layer K.
+
+Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks, the LLaVA model
+that joins them (with the FastV step inline in its decoder loop), loading llava-hf safetensors, and
+generation with a KV cache. Shapes are tagged in comments: B batch, T tokens, S cached keys, H heads,
+D head size, C channels.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: three dataclasses filled from a llava-hf config.json.
+# The hub's config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
+
+
+def _known_fields(cls, values):
+    """Keep only the keys that the dataclass `cls` knows (config.json carries many more)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
+@dataclass
+class TextConfig:
+    """The Llama (Vicuna) decoder. Defaults are Llama's; LLaVA-1.5-7B leaves most of them out."""
+
+    vocab_size: int = 32000  # llava-hf: 32064 = Llama's 32000 + <image> + <pad>, padded to 64
+    hidden_size: int = 4096  # width of the residual stream (5120 for 13B)
+    intermediate_size: int = 11008  # SwiGLU hidden width (13824 for 13B)
+    num_hidden_layers: int = 32  # decoder layers (40 for 13B)
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads = 128
+    max_position_embeddings: int = 4096  # the context: prompt + answer must fit in it
+    rms_norm_eps: float = 1e-6  # Llama's default; llava-hf's config.json sets 1e-5
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values):
+        values = dict(values)
+        rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"minifastv supports only plain RoPE, but the config asks for {rope}.")
+        values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False)
+        return _known_fields(cls, values)
+
+
+@dataclass
+class VisionConfig:
+    """The CLIP vision transformer. Defaults are CLIP's; LLaVA-1.5 uses ViT-L/14 at 336 px."""
+
+    hidden_size: int = 768  # ViT-L: 1024
+    intermediate_size: int = 3072  # ViT-L: 4096
+    num_hidden_layers: int = 12  # ViT-L: 24
+    num_attention_heads: int = 12  # ViT-L: 16
+    num_channels: int = 3
+    image_size: int = 224  # LLaVA-1.5: 336
+    patch_size: int = 32  # LLaVA-1.5: 14, so a 336 px image is a 24 x 24 grid of 576 patches
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid_size(self):
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, values):
+        _refuse_unsupported(values, hidden_act="quick_gelu")
+        return _known_fields(cls, values)
+
+
+@dataclass
+class LlavaConfig:
+    """How the two towers are joined."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 32000  # the <image> placeholder id: one per image feature in the prompt
+    pad_token_id: int = 32001
+    vision_feature_layer: int = -2  # which CLIP hidden state feeds the projector (-2: second to last)
+    vision_feature_select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
+
+    @property
+    def image_tokens_per_image(self):
+        cls_token = 1 if self.vision_feature_select_strategy == "full" else 0
+        return self.vision.grid_size**2 + cls_token  # 576 for LLaVA-1.5
+
+    @classmethod
+    def from_dict(cls, values):
+        values = dict(values)
+        values.setdefault("image_token_id", values.get("image_token_index", cls.image_token_id))
+        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True)
+        _refuse_unsupported(values.get("text_config", {}), tie_word_embeddings=False)
+        _refuse_unsupported(values, tie_word_embeddings=False)
+        if not isinstance(values.get("vision_feature_layer", -2), int):
+            raise ValueError("minifastv supports one vision_feature_layer, not a list of layers.")
+        if values.get("vision_feature_select_strategy", "default") not in ("default", "full"):
+            raise ValueError("vision_feature_select_strategy must be 'default' or 'full'.")
+        config = _known_fields(cls, {**values, "text": None, "vision": None})
+        config.text = TextConfig.from_dict(values.get("text_config", {}))
+        config.vision = VisionConfig.from_dict(values.get("vision_config", {}))
+        return config
+
+    @classmethod
+    def from_file(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _refuse_unsupported(values, **supported):
+    """Raise when the config asks for a variant this file does not implement (e.g. biased attention)."""
+    for key, expected in supported.items():
+        if values.get(key, expected) != expected:
+            raise ValueError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Llama decoder: RMSNorm, rotary embedding, attention, SwiGLU MLP, decoder layer.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalize in float32 for stability, cast back, then scale: the order transformers uses.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(config: TextConfig, device):
+    """cos and sin of every (position, frequency) angle, (max_positions, D), float32.
+
+    Built in float32 at load time (never on the meta device, never in fp16: angles up to 4096 rad
+    need float32). Each position has its own row, so a pruned token can keep its original position.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float, device=device)
+    angles = positions[:, None] * inv_freq[None, :]  # (P, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, D): "rotate half" pairs dim i with dim i + D/2
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys (B, H, T, D) by their positions' angles; cos/sin are (B, 1, T, D)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project(self, x, cos, sin):
+        """Queries, keys and values with RoPE applied: (B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_index=None):
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:  # prepend the keys and values of earlier tokens
+            k, v = cache.update(layer_index, k, v)  # (B, H_kv, S, D)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention: share each K/V head
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        # Fused attention (SDPA): never materializes the (T, S) weights. `mask is None` means plain causal.
+        is_causal = mask is None and q.shape[2] > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU: three matrices
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder's weights. Its loop runs in Llava.forward, where FastV can cut in at layer K."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def causal_padding_mask(key_mask, num_queries):
+    """Boolean (B, 1, T, S) mask, True where a query may attend to a key; None when plain causal will do.
+
+    `key_mask` (B, S) marks real tokens (1) and left padding (0) of every key, cached ones included;
+    the T queries are the last T of those keys. Pure causal attention is left to SDPA's `is_causal`,
+    which lets it pick its fastest kernel.
+    """
+    num_keys = key_mask.shape[1]
+    if bool(key_mask.all()) and num_queries in (1, num_keys):
+        return None
+    key_index = torch.arange(num_keys, device=key_mask.device)
+    query_index = key_index[num_keys - num_queries :]
+    causal = key_index[None, :] <= query_index[:, None]  # (T, S)
+    return causal[None, None] & key_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLIP vision tower (ViT-L/14-336) and the projector into the decoder's space.
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.position_embedding = nn.Embedding(config.grid_size**2 + 1, config.hidden_size)
+
+    def forward(self, pixel_values):
+        patches = self.patch_embedding(pixel_values)  # (N, C, 24, 24): one vector per 14 x 14 patch
+        patches = patches.flatten(2).transpose(1, 2)  # (N, 576, C), row by row from the top left
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, C)
+        tokens = torch.cat([cls, patches], dim=1)  # (N, 577, C)
+        return tokens + self.position_embedding.weight  # learned absolute positions
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        N, T, C = x.shape
+        q, k, v = (proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (N, H, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # every patch sees every patch
+        return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu, CLIP's cheap GELU
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: the checkpoint's spelling
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        # Unused by LLaVA (it reads a hidden state before the end), but in the checkpoint: loaded, never run.
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values, feature_layer):
+        """Hidden state number `feature_layer` of [embeddings, layer 0 output, ..., last layer output]."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        layers_to_run = feature_layer % (len(self.layers) + 1)  # -2 with 24 layers: run 23, skip the last
+        for layer in self.layers[:layers_to_run]:
+            x = layer(x)
+        return x  # (N, 577, C)
+
+
+class MultiModalProjector(nn.Module):
+    """Two linear layers with a GELU: CLIP's 1024-wide features become 4096-wide "words"."""
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision.hidden_size, config.text.hidden_size)
+        self.linear_2 = nn.Linear(config.text.hidden_size, config.text.hidden_size)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLaVA: image features replace the <image> placeholders, then the decoder runs.
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config.vision)
+        self.multi_modal_projector = MultiModalProjector(config)
+        self.language_model = LlamaModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        # RoPE tables: computed by init_rope() once real memory exists (they are not in the checkpoint).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self):
+        device = self.lm_head.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(self.config.text, device)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def image_features(self, pixel_values):
+        """(N, 3, 336, 336) pixels -> (N, 576, hidden) decoder inputs, one row per image patch."""
+        size = self.config.vision.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (self.config.vision.num_channels, size, size):
+            raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}.")
+        hidden = self.vision_tower(pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer)
+        if self.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]  # drop CLS: (N, 576, C)
+        return self.multi_modal_projector(hidden)  # (N, 576, hidden)
+
+    def embed(self, input_ids, pixel_values):
+        """Token embeddings with the image features written over the <image> placeholders, in order."""
+        embeds = self.language_model.embed_tokens(input_ids)  # (B, T, hidden)
+        is_image = input_ids == self.config.image_token_id
+        num_placeholders = int(is_image.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        per_image = self.config.image_tokens_per_image
+        if num_placeholders != num_images * per_image:
+            raise ValueError(
+                f"The prompt holds {num_placeholders} <image> tokens but {num_images} image(s) need "
+                f"{num_images * per_image} ({per_image} per image): one <image> id per image feature."
+            )
+        if num_images:
+            features = self.image_features(pixel_values).reshape(-1, embeds.shape[-1])  # (N * 576, hidden)
+            embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, last_logits_only=False):
+        """Logits (B, T, vocab) for `input_ids` (B, T); left padding is marked 0 in `attention_mask`.
+
+        With a `cache` (see KVCache), the cache holds the earlier tokens and input_ids only the new ones.
+        """
+        B, T = input_ids.shape
+        device = self.device
+        input_ids = input_ids.to(device)
+        new_mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.to(device).long()
+        if new_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(new_mask.shape)} but input_ids has {tuple(input_ids.shape)}.")
+        key_mask = new_mask if cache is None else torch.cat([cache.attention_mask, new_mask], dim=1)  # (B, S)
+        if key_mask.shape[1] > self.config.text.max_position_embeddings:
+            raise ValueError(
+                f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
+                f"{self.config.text.max_position_embeddings} tokens."
+            )
+        # Position of each token among the real (unpadded) ones; padding gets position 0.
+        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        x = self.embed(input_ids, pixel_values)
+        if cache is not None:
+            cache.attention_mask = key_mask
+        mask = causal_padding_mask(key_mask, T)
+        cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, D)
+        sin = self.rope_sin[positions].to(x.dtype)[:, None]
+
+        for index, layer in enumerate(self.language_model.layers):
+            x = layer(x, cos, sin, mask, cache, index)
+
+        if last_logits_only:
+            x = x[:, -1:]
+        return self.lm_head(self.language_model.norm(x))  # (B, T, vocab)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation: prefill the prompt once, then one token at a time against the KV cache.
+
+    @torch.inference_mode()
+    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
+               top_p=1.0, eos_token_id=None, generator=None):
+        """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
+
+        Greedy when temperature is 0; otherwise sampled from softmax(logits / temperature), keeping
+        the smallest set of tokens whose probability reaches top_p. Finished sequences yield pad ids.
+        """
+        eos_token_id = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
+        context = self.config.text.max_position_embeddings
+        if input_ids.shape[1] + max_new_tokens > context:
+            raise ValueError(
+                f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for {max_new_tokens} more, "
+                f"but the model's context is {context} tokens."
+            )
+        cache = KVCache(len(self.language_model.layers))
+        logits = self(input_ids, pixel_values, attention_mask, cache=cache, last_logits_only=True)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+            next_token = next_token.masked_fill(finished, self.config.pad_token_id)
+            yield next_token
+            finished |= next_token == eos_token_id
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                return
+            logits = self(next_token[:, None], cache=cache, last_logits_only=True)
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **sampling):
+        """The new token ids (B, N), EOS included; see `stream` for the options."""
+        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **sampling))
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def pick_token(logits, temperature, top_p, generator):
+    """Greedy (temperature 0) or nucleus sampling over (B, vocab) float32 logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the first token always stays
+    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes itself
+    return order.gather(-1, choice)[:, 0]
+
+
+class KVCache:
+    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, plus their padding mask."""
+
+    def __init__(self, num_layers):
+        self.keys = [None] * num_layers
+        self.values = [None] * num_layers
+        self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
+
+    def update(self, layer_index, k, v):
+        if self.keys[layer_index] is not None:
+            k = torch.cat([self.keys[layer_index], k], dim=2)
+            v = torch.cat([self.values[layer_index], v], dim=2)
+        self.keys[layer_index], self.values[layer_index] = k, v
+        return k, v
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading llava-hf safetensors: build on the meta device, stream each tensor onto the target device.
+
+DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
+WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+             "processor_config.json", "chat_template.json"]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model: a missing, unexpected or misshapen tensor, or no safetensors."""
+
+
+def model_name(checkpoint_name):
+    """This file's parameter name for a tensor name from any of the three llava-hf naming schemes.
+
+    hub:                    language_model.model.layers.0...,  vision_tower.vision_model.encoder.layers.0...
+    transformers 5 save:    language_model.model.layers.0...,  vision_tower.encoder.layers.0...
+    transformers internal:  model.language_model.layers.0...,  model.vision_tower.encoder.layers.0..., lm_head
+    this file:              language_model.layers.0...,        vision_tower.layers.0...,              lm_head
+    """
+    name = checkpoint_name.removeprefix("model.")
+    for old, new in (("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.encoder.", "vision_tower.")):
+        if name.startswith(old):
+            name = new + name.removeprefix(old)
+    return name
+
+
+def hub_name(name):
+    """The inverse of model_name for the hub scheme: the name a llava-hf download uses."""
+    for ours, hub in (("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                      ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
+                      ("vision_tower.", "vision_tower.vision_model.")):
+        if name.startswith(ours):
+            return hub + name.removeprefix(ours)
+    return name
+
+
+def expected_tensors(config: LlavaConfig):
+    """{hub tensor name: shape} that a checkpoint for `config` must hold; builds nothing but meta tensors."""
+    with torch.device("meta"):
+        model = Llava(config)
+    return {hub_name(name): tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def safetensors_files(folder):
+    """The checkpoint's .safetensors files, from the shard index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" It has {', '.join(pickles)}: pickle files can run code, so minifastv never loads them." if pickles else ""
+        raise CheckpointError(f"No .safetensors weights in {folder}.{hint}")
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"The shard index names {file.name}, which is not in {folder}.")
+    return files
+
+
+def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
+    """A ready-to-run Llava from a local llava-hf folder or a hub repo id (downloaded into weights/).
+
+    device: default "cuda" when available, else "cpu". dtype: default bfloat16 on GPUs that support
+    it, float16 on other GPUs (the T4), float32 on the CPU. Tensors go one by one from the file to
+    the device in the target dtype, so host memory never holds the checkpoint.
+    """
+    from safetensors import safe_open
+
+    folder = resolve_folder(path_or_repo_id)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"No config.json in {folder}: a llava-hf model folder holds config.json and *.safetensors.")
+    config = LlavaConfig.from_file(config_file)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+
+    with torch.device("meta"):  # no memory yet: every parameter is a shape only
+        model = Llava(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    state = {}
+    files = safetensors_files(folder)
+    started = time.perf_counter()
+    for file_number, file in enumerate(files, 1):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for checkpoint_name in f.keys():
+                if checkpoint_name.endswith(("rotary_emb.inv_freq", "position_ids")):
+                    continue  # buffers some exporters save; they carry no weights
+                name = model_name(checkpoint_name)
+                if name not in expected:
+                    raise CheckpointError(f"Unexpected tensor {checkpoint_name} in {file.name}: the model has no such weight.")
+                shape = tuple(f.get_slice(checkpoint_name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"Tensor {checkpoint_name} in {file.name} has shape {shape}, but the model expects {expected[name]}."
+                    )
+                if name in state:
+                    raise CheckpointError(f"Tensor {checkpoint_name} appears twice in the checkpoint.")
+                state[name] = f.get_tensor(checkpoint_name).to(dtype)
+        if progress:
+            print(f"loaded {file.name} ({file_number}/{len(files)}, {len(state)}/{len(expected)} tensors, "
+                  f"{time.perf_counter() - started:.1f}s)", flush=True)
+    missing = [hub_name(name) for name in expected if name not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"The checkpoint lacks tensor {', '.join(missing[:3])}{more}.")
+    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
+    model.init_rope()
+    return model.eval().requires_grad_(False)
+
+
+def default_dtype(device):
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_folder(path_or_repo_id):
+    """A local folder as is; a hub repo id downloaded (once) into weights/<owner>--<name>."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id} is neither a model folder nor a hub repo id like {DEFAULT_REPO}.")
+    from huggingface_hub import snapshot_download
+
+    target = WEIGHTS_DIR / str(path_or_repo_id).replace("/", "--")
+    try:
+        snapshot_download(repo_id=str(path_or_repo_id), local_dir=target, allow_patterns=HUB_FILES)
+    except Exception as error:  # the hub's errors vary by version and network; all mean the same to a user
+        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+            print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", flush=True)
+            return target
+        raise ConnectionError(
+            f"Could not download {path_or_repo_id} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            f"Check the network and the repo id, or pass a local model folder."
+        ) from error
+    return target
