@@ -198,7 +198,7 @@ class LlamaAttention(nn.Module):
         is_causal = mask is None and q.shape[2] > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
-        return self.o_proj(out)
+        return self.o_proj(out), (q, k)  # FastV scores with this layer's queries and keys
 
 
 class LlamaMLP(nn.Module):
@@ -221,8 +221,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attention_out, queries_keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
+        x = x + attention_out
+        return x + self.mlp(self.post_attention_layernorm(x)), queries_keys
 
 
 class LlamaModel(nn.Module):
@@ -344,6 +345,84 @@ class MultiModalProjector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# FastV: its settings, what a pruning rule gets to see, and FastV's own rule. The pruning step itself
+# sits inline in Llava.forward, where the decoder loop reaches layer K.
+
+
+@dataclass
+class PruningInputs:
+    """Everything a pruning rule may look at, at the start of decoder layer K (B batch, T tokens, N image tokens)."""
+
+    last_token_attention: torch.Tensor  # (B, H, T) float32: the last token's softmax row in layer K-1, per head
+    image_positions: torch.Tensor  # (B, N): where the image tokens sit in the sequence, all images pooled
+    num_keep: int  # how many of the N image tokens to keep: round(N * (1 - R))
+    grid_size: int  # each image is a grid_size x grid_size grid of patches (24 for LLaVA-1.5)
+    tokens_per_image: int  # 576 for LLaVA-1.5; image i owns image tokens [i * 576, (i + 1) * 576)
+    hidden_states: torch.Tensor  # (B, T, C): the input of layer K
+    queries: torch.Tensor  # (B, H, T, D): layer K-1's queries, after RoPE
+    keys: torch.Tensor  # (B, H_kv, T, D): layer K-1's keys, after RoPE
+    cos: torch.Tensor  # (B, 1, T, D): the rotary angles the queries and keys were turned by
+    sin: torch.Tensor
+    attention_mask: torch.Tensor  # (B, T): 1 for real tokens, 0 for left padding
+
+    @property
+    def queries_without_rope(self):
+        return apply_rope(self.queries, self.cos, -self.sin)  # turning back by the same angle undoes RoPE
+
+    @property
+    def keys_without_rope(self):
+        return apply_rope(self.keys, self.cos, -self.sin)
+
+
+def fastv_rule(inputs: PruningInputs):
+    """FastV's rule: keep the image tokens that the last token attended to most (mean over heads).
+
+    Returns (B, num_keep) indices into the image tokens (0 .. N-1), in any order.
+    """
+    attention = inputs.last_token_attention.mean(dim=1)  # (B, T): mean over heads
+    image_attention = attention.gather(1, inputs.image_positions)  # (B, N)
+    return image_attention.topk(inputs.num_keep, dim=-1).indices
+
+
+@dataclass
+class FastV:
+    """FastV settings: at decoder layer k, drop the share r of image tokens that layer k-1 attended to least."""
+
+    k: int = 2  # layers 0 .. k-1 see every token; layers k .. see the kept ones (paper: K=2)
+    r: float = 0.5  # share of image tokens dropped (paper: 50%); r=0 scores but keeps everything
+    rule: object = fastv_rule  # a function PruningInputs -> (B, num_keep) indices: the homework knob
+
+    def __post_init__(self):
+        if not 0 <= self.r < 1:
+            raise ValueError(f"FastV's r is the share of image tokens to drop and must be in [0, 1), got {self.r}.")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"FastV's k is the first pruned layer and must be an integer >= 1, got {self.k}.")
+
+
+def last_token_attention(queries, keys, key_mask):
+    """Softmax attention row of the LAST query over all keys, per head: (B, H, T), float32.
+
+    Only this one row is needed, so attention itself stays fused (SDPA) and no T x T matrix exists.
+    """
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, T, D)
+    scale = queries.shape[-1] ** -0.5
+    scores = (queries[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, 1, T)
+    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))  # never pick padding
+    return scores.softmax(dim=-1)[:, :, 0]  # (B, H, T)
+
+
+def check_kept(keep, batch_size, num_image_tokens, num_keep):
+    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not."""
+    if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
+        shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of indices, got {shape}.")
+    ordered = keep.sort(dim=-1).values
+    if keep.numel() and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_image_tokens or (ordered.diff(dim=-1) == 0).any()):
+        raise ValueError(f"The pruning rule must return distinct image-token indices in [0, {num_image_tokens}).")
+    return keep.long()
+
+
+# ----------------------------------------------------------------------------------------------------
 # LLaVA: image features replace the <image> placeholders, then the decoder runs.
 
 
@@ -398,49 +477,89 @@ class Llava(nn.Module):
             embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         return embeds
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, last_logits_only=False):
-        """Logits (B, T, vocab) for `input_ids` (B, T); left padding is marked 0 in `attention_mask`.
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, fastv=None, last_logits_only=False):
+        """Logits for `input_ids` (B, T); left padding is marked 0 in `attention_mask`.
 
-        With a `cache` (see KVCache), the cache holds the earlier tokens and input_ids only the new ones.
+        With a `cache` (see KVCache) the earlier tokens live in the cache and input_ids holds only
+        the new ones. With `fastv` (see FastV) and image tokens in input_ids, image tokens are
+        dropped at layer K, and the logits cover the kept tokens only: (B, T_kept, vocab).
         """
         B, T = input_ids.shape
         device = self.device
         input_ids = input_ids.to(device)
-        new_mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.to(device).long()
+        new_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         if new_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(new_mask.shape)} but input_ids has {tuple(input_ids.shape)}.")
-        key_mask = new_mask if cache is None else torch.cat([cache.attention_mask, new_mask], dim=1)  # (B, S)
+        if fastv is not None and not fastv.k < len(self.language_model.layers):
+            raise ValueError(f"FastV's k must be between 1 and {len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
+        cache = cache if cache is not None else KVCache(len(self.language_model.layers), keep=False)
+        key_mask = cache.extend_mask(new_mask)  # (B, S): every token so far, for positions and layers < K
         if key_mask.shape[1] > self.config.text.max_position_embeddings:
             raise ValueError(
                 f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
                 f"{self.config.text.max_position_embeddings} tokens."
             )
-        # Position of each token among the real (unpadded) ones; padding gets position 0.
+        # Each token's position among the real (unpadded) tokens; padding gets 0. FastV never changes it.
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         x = self.embed(input_ids, pixel_values)
-        if cache is not None:
-            cache.attention_mask = key_mask
-        mask = causal_padding_mask(key_mask, T)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, D)
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
+        mask = causal_padding_mask(key_mask, T)
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        prune_now = fastv is not None and bool(is_image.any())
+        if prune_now and key_mask.shape[1] != T:
+            raise ValueError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
 
         for index, layer in enumerate(self.language_model.layers):
-            x = layer(x, cos, sin, mask, cache, index)
+            if index == cache.pruned_at:  # decoding after FastV: these layers cached only the kept tokens
+                mask = causal_padding_mask(cache.extend_pruned_mask(new_mask), T)
+            if prune_now and index == fastv.k:
+                # ===================================== FastV =====================================
+                # Rank the image tokens by the attention the LAST token paid them in layer K-1
+                # (`queries`, `keys` are that layer's), keep the top (1 - R), drop the rest.
+                image_counts = is_image.sum(dim=1)
+                if bool((image_counts != image_counts[0]).any()):
+                    raise ValueError(f"FastV needs the same number of image tokens in every prompt of a batch, got {image_counts.tolist()}.")
+                image_positions = is_image.nonzero()[:, 1].view(B, -1)  # (B, N), in sequence order
+                num_image_tokens = image_positions.shape[1]
+                num_keep = round(num_image_tokens * (1 - fastv.r))
+                inputs = PruningInputs(
+                    last_token_attention=last_token_attention(queries, keys, key_mask),
+                    image_positions=image_positions, num_keep=num_keep, grid_size=self.config.vision.grid_size,
+                    tokens_per_image=self.config.image_tokens_per_image, hidden_states=x,
+                    queries=queries, keys=keys, cos=cos, sin=sin, attention_mask=key_mask,
+                )
+                keep_image = check_kept(fastv.rule(inputs), B, num_image_tokens, num_keep)  # (B, num_keep)
+                # Every text token stays; so do the chosen image tokens. nonzero() keeps sequence order.
+                is_kept = ~is_image
+                is_kept.scatter_(1, image_positions.gather(1, keep_image), True)
+                keep_indices = is_kept.nonzero()[:, 1].view(B, -1)  # (B, T_kept)
+                # Gather the survivors. Each keeps its ORIGINAL rotary angle: positions are not renumbered.
+                x = x.gather(1, keep_indices[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, T_kept, C)
+                cos = cos.gather(2, keep_indices[:, None, :, None].expand(-1, -1, -1, cos.shape[-1]))
+                sin = sin.gather(2, keep_indices[:, None, :, None].expand(-1, -1, -1, sin.shape[-1]))
+                kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
+                mask = causal_padding_mask(kept_mask, keep_indices.shape[1])
+                cache.record_pruning(fastv.k, kept_mask, keep_indices, keep_image.sort(dim=-1).values, num_image_tokens)
+                # ==================================================================================
+            x, (queries, keys) = layer(x, cos, sin, mask, cache, index)
 
         if last_logits_only:
             x = x[:, -1:]
-        return self.lm_head(self.language_model.norm(x))  # (B, T, vocab)
+        return self.lm_head(self.language_model.norm(x))  # (B, T or T_kept, vocab)
 
     # ------------------------------------------------------------------------------------------------
-    # Generation: prefill the prompt once, then one token at a time against the KV cache.
+    # Generation: prefill the prompt once (FastV prunes here), then one token at a time against the cache.
 
     @torch.inference_mode()
     def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
-               top_p=1.0, eos_token_id=None, generator=None):
+               top_p=1.0, eos_token_id=None, generator=None, fastv=None, stats=None):
         """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
 
         Greedy when temperature is 0; otherwise sampled from softmax(logits / temperature), keeping
         the smallest set of tokens whose probability reaches top_p. Finished sequences yield pad ids.
+        FastV prunes once, at prefill: the cache of layers >= K holds only the kept tokens, and every
+        generated token attends to those. Pass a GenerationStats as `stats` to have it filled in.
         """
         eos_token_id = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
         context = self.config.text.max_position_embeddings
@@ -450,21 +569,38 @@ class Llava(nn.Module):
                 f"but the model's context is {context} tokens."
             )
         cache = KVCache(len(self.language_model.layers))
-        logits = self(input_ids, pixel_values, attention_mask, cache=cache, last_logits_only=True)
+        started = time.perf_counter()
+        logits = self(input_ids, pixel_values, attention_mask, cache=cache, fastv=fastv, last_logits_only=True)
+        next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+        synchronize(self.device)
+        if stats is not None:
+            stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        started = time.perf_counter()
         for step in range(max_new_tokens):
-            next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
             next_token = next_token.masked_fill(finished, self.config.pad_token_id)
             yield next_token
             finished |= next_token == eos_token_id
             if bool(finished.all()) or step == max_new_tokens - 1:
-                return
+                break
             logits = self(next_token[:, None], cache=cache, last_logits_only=True)
+            next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)
+            if stats is not None:
+                stats.decode_tokens += 1
+        synchronize(self.device)
+        if stats is not None:
+            stats.decode_seconds = time.perf_counter() - started
+            stats.kv_cache_bytes = cache.nbytes()
 
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **sampling):
-        """The new token ids (B, N), EOS included; see `stream` for the options."""
-        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **sampling))
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **options):
+        """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, stats=, sampling)."""
+        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **options))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
 
 
 def pick_token(logits, temperature, top_p, generator):
@@ -480,14 +616,39 @@ def pick_token(logits, temperature, top_p, generator):
 
 
 class KVCache:
-    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, plus their padding mask."""
+    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks.
 
-    def __init__(self, num_layers):
+    After FastV pruned the prompt at layer K, layers >= K hold fewer tokens than layers < K, so the
+    cache keeps two masks: one over all tokens (positions, layers < K), one over the kept tokens.
+    """
+
+    def __init__(self, num_layers, keep=True):
+        self.keep = keep  # False: a forward pass without generation; track masks, store no keys
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
+        self.pruned_at = None  # FastV's K once the prompt was pruned
+        self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
+        self.keep_indices = None  # (B, T_kept): the prompt positions that survived layer K
+        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived (patch = index % 576)
+        self.num_image_tokens = 0
+
+    def extend_mask(self, new_mask):
+        past = self.attention_mask
+        self.attention_mask = new_mask if past is None else torch.cat([past, new_mask], dim=1)
+        return self.attention_mask
+
+    def extend_pruned_mask(self, new_mask):
+        self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
+        return self.pruned_attention_mask
+
+    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens, num_image_tokens):
+        self.pruned_at, self.pruned_attention_mask = layer, kept_mask
+        self.keep_indices, self.kept_image_tokens, self.num_image_tokens = keep_indices, kept_image_tokens, num_image_tokens
 
     def update(self, layer_index, k, v):
+        if not self.keep:
+            return k, v
         if self.keys[layer_index] is not None:
             k = torch.cat([self.keys[layer_index], k], dim=2)
             v = torch.cat([self.values[layer_index], v], dim=2)
@@ -496,6 +657,41 @@ class KVCache:
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+@dataclass
+class GenerationStats:
+    """What a generate() run measured; pass one as `stats=` and read it afterwards."""
+
+    prompt_tokens: int = 0  # per prompt, padding included
+    image_tokens: int = 0  # per prompt, all images together
+    image_tokens_kept: int = 0
+    k: int | None = None  # FastV's settings, None without FastV
+    r: float | None = None
+    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of kept image tokens, patch = index % 576
+    kv_cache_bytes: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
+    decode_seconds: float = 0.0
+    flops: dict | None = None  # prefill FLOPs with and without FastV: see minifastv.flops
+
+    @property
+    def decode_tokens_per_second(self):
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def record_prefill(self, config, input_ids, cache, fastv, seconds):
+        from .flops import prefill_flops_report  # FLOPs are arithmetic on the config, kept out of the model
+
+        self.prompt_tokens = input_ids.shape[1]
+        self.image_tokens = int((input_ids[0] == config.image_token_id).sum())
+        self.image_tokens_kept = self.image_tokens
+        if cache.pruned_at is not None:
+            self.k, self.r = fastv.k, fastv.r
+            self.image_tokens_kept = cache.kept_image_tokens.shape[1]
+            self.kept_image_tokens = cache.kept_image_tokens.cpu()
+        self.prefill_seconds = seconds
+        self.flops = prefill_flops_report(config, self.prompt_tokens, self.image_tokens, fastv if cache.pruned_at else None,
+                                          batch_size=input_ids.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------

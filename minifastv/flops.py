@@ -1,0 +1,84 @@
+"""FLOPs of a LLaVA prefill, with and without FastV: the paper's model and an exact count.
+
+The paper (FastV, Sec. 4) counts, per decoder layer with n tokens, hidden size d and FFN size m,
+
+    C(n) = 4 n d^2 + 2 n^2 d + 2 n d m
+
+(attention projections, attention scores, two FFN matrices) and evaluates it for the image tokens and
+a 36-token system prompt. SwiGLU has a third FFN matrix, and the vision tower and lm_head cost FLOPs
+too, so `exact_prefill_flops` counts every matrix product minifastv runs instead: 2 FLOPs per
+multiply-add, attention as the full T x T product that SDPA's math kernel computes, nothing for
+norms, activations and softmax (cheap elementwise work).
+"""
+
+from .model import LlavaConfig
+
+
+def kept_tokens(num_tokens, num_image_tokens, r):
+    """Tokens left after FastV drops round(N * r) of the N image tokens (it keeps round(N * (1 - r)))."""
+    return num_tokens - num_image_tokens + round(num_image_tokens * (1 - r))
+
+
+def paper_layer_flops(n, d, m):
+    return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
+
+
+def paper_flops(config: LlavaConfig, num_text_tokens, num_image_tokens, k=None, r=0.0):
+    """The paper's FLOPs of all decoder layers; FastV when k is given. Divide by the layer count for Table 1."""
+    d, m, layers = config.text.hidden_size, config.text.intermediate_size, config.text.num_hidden_layers
+    n = num_text_tokens + num_image_tokens
+    if k is None:
+        return layers * paper_layer_flops(n, d, m)
+    n_kept = num_text_tokens + (1 - r) * num_image_tokens  # unrounded, as the paper evaluates it
+    return k * paper_layer_flops(n, d, m) + (layers - k) * paper_layer_flops(n_kept, d, m)
+
+
+def decoder_layer_flops(config: LlavaConfig, n):
+    """Exact matmul FLOPs of one decoder layer over n tokens (prefill, no cache)."""
+    text = config.text
+    q_width, kv_width = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    projections = 2 * n * text.hidden_size * (2 * q_width + 2 * kv_width)  # q, o and k, v
+    attention = 2 * 2 * text.num_attention_heads * n * n * text.head_dim  # Q K^T and weights @ V
+    mlp = 3 * 2 * n * text.hidden_size * text.intermediate_size  # gate, up, down
+    return projections + attention + mlp
+
+
+def vision_flops(config: LlavaConfig, num_images):
+    """Exact matmul FLOPs of the vision tower (the layers that run) and the projector."""
+    vision = config.vision
+    c, patches = vision.hidden_size, vision.grid_size**2
+    n = patches + 1  # CLS token
+    patch_embedding = 2 * patches * vision.num_channels * vision.patch_size**2 * c
+    layer = 4 * 2 * n * c * c + 2 * 2 * n * n * c + 2 * 2 * n * c * vision.intermediate_size
+    layers_run = config.vision_feature_layer % (vision.num_hidden_layers + 1)
+    tokens = config.image_tokens_per_image
+    projector = 2 * tokens * c * config.text.hidden_size + 2 * tokens * config.text.hidden_size**2
+    return num_images * (patch_embedding + layers_run * layer + projector)
+
+
+def exact_prefill_flops(config: LlavaConfig, num_tokens, num_image_tokens, k=None, r=0.0, logits_tokens=1):
+    """Exact matmul FLOPs of one prompt's prefill: vision, decoder, FastV's scoring row, lm_head."""
+    text = config.text
+    flops = vision_flops(config, num_image_tokens // config.image_tokens_per_image)
+    if k is None:
+        flops += text.num_hidden_layers * decoder_layer_flops(config, num_tokens)
+    else:
+        n_kept = kept_tokens(num_tokens, num_image_tokens, r)
+        flops += k * decoder_layer_flops(config, num_tokens) + (text.num_hidden_layers - k) * decoder_layer_flops(config, n_kept)
+        flops += 2 * text.num_attention_heads * num_tokens * text.head_dim  # the last token's scores in layer K-1
+    return flops + 2 * logits_tokens * text.hidden_size * text.vocab_size
+
+
+def prefill_flops_report(config: LlavaConfig, num_tokens, num_image_tokens, fastv=None, batch_size=1):
+    """Prefill FLOPs of a batch, both models, with FastV's settings (or the unpruned model twice)."""
+    k, r = (fastv.k, fastv.r) if fastv is not None else (None, 0.0)
+    num_text = num_tokens - num_image_tokens
+    report = {
+        "paper": batch_size * paper_flops(config, num_text, num_image_tokens, k, r),
+        "paper_unpruned": batch_size * paper_flops(config, num_text, num_image_tokens),
+        "exact": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens, k, r),
+        "exact_unpruned": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens),
+    }
+    report["paper_ratio"] = report["paper"] / report["paper_unpruned"]
+    report["exact_ratio"] = report["exact"] / report["exact_unpruned"]
+    return report
