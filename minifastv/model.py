@@ -442,6 +442,10 @@ class Llava(nn.Module):
         device = self.lm_head.weight.device
         self.rope_cos, self.rope_sin = rope_tables(self.config.text, device)
 
+    def rope(self, positions, dtype):
+        """cos and sin (B, 1, T, D) for token positions (B, T): rows of the float32 tables, cast."""
+        return self.rope_cos[positions].to(dtype)[:, None], self.rope_sin[positions].to(dtype)[:, None]
+
     @property
     def device(self):
         return self.lm_head.weight.device
@@ -502,8 +506,7 @@ class Llava(nn.Module):
         # Each token's position among the real (unpadded) tokens; padding gets 0. FastV never changes it.
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         x = self.embed(input_ids, pixel_values)
-        cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, D)
-        sin = self.rope_sin[positions].to(x.dtype)[:, None]
+        cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
         is_image = input_ids == self.config.image_token_id  # (B, T)
         prune_now = fastv is not None and bool(is_image.any())
@@ -534,10 +537,9 @@ class Llava(nn.Module):
                 is_kept = ~is_image
                 is_kept.scatter_(1, image_positions.gather(1, keep_image), True)
                 keep_indices = is_kept.nonzero()[:, 1].view(B, -1)  # (B, T_kept)
-                # Gather the survivors. Each keeps its ORIGINAL rotary angle: positions are not renumbered.
-                x = x.gather(1, keep_indices[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, T_kept, C)
-                cos = cos.gather(2, keep_indices[:, None, :, None].expand(-1, -1, -1, cos.shape[-1]))
-                sin = sin.gather(2, keep_indices[:, None, :, None].expand(-1, -1, -1, sin.shape[-1]))
+                x = x[torch.arange(B, device=device)[:, None], keep_indices]  # (B, T_kept, C): the survivors
+                positions = positions.gather(1, keep_indices)  # their ORIGINAL positions: never renumbered
+                cos, sin = self.rope(positions, x.dtype)
                 kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
                 mask = causal_padding_mask(kept_mask, keep_indices.shape[1])
                 cache.record_pruning(fastv.k, kept_mask, keep_indices, keep_image.sort(dim=-1).values, num_image_tokens)

@@ -1,0 +1,106 @@
+"""Benchmark FastV's prefill speed-up against its FLOPs prediction: python -m minifastv.bench
+
+By default it builds a random LLaVA-shaped model that fits a laptop (576 image tokens per image, a
+1024-wide 12-layer decoder, a small vision tower); --model runs a real checkpoint instead, e.g.
+`python -m minifastv.bench --model llava-hf/llava-1.5-7b-hf --device cuda`. It prints, for each R at
+K=2: the prefill time, its ratio to the unpruned model, the FLOPs ratio (exact count), and how much of
+the predicted speed-up was realized; then the cost of FastV's scoring alone (R=0 against no FastV)
+and the KV-cache size.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from .flops import exact_prefill_flops
+from .model import FastV, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, load, synchronize
+
+
+def random_llava(device, dtype, layers=12):
+    """A LLaVA-shaped model with random weights: real image geometry, smaller widths."""
+    config = LlavaConfig(
+        text=TextConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                        num_attention_heads=8, rms_norm_eps=1e-5),
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=336, patch_size=14),
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llava(config)
+    model.init_rope()
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def benchmark_prompt(config, num_text_tokens=40, num_images=1):
+    """A prompt laid out like LLaVA's: BOS, some text, the image tokens, the question."""
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, 31000, (num_text_tokens // 2,), generator=generator).tolist()
+    after = torch.randint(3, 31000, (num_text_tokens - num_text_tokens // 2 - 1,), generator=generator).tolist()
+    ids = [1] + before + [config.image_token_id] * (config.image_tokens_per_image * num_images) + after
+    size = config.vision.image_size
+    pixels = torch.randn(num_images, 3, size, size, generator=generator)
+    return torch.tensor([ids]), pixels
+
+
+@torch.inference_mode()
+def time_prefills(model, ids, pixels, settings, repeats):
+    """Median prefill seconds per setting; the settings take turns so that drift hits all alike."""
+    times = {name: [] for name in settings}
+    caches = {}
+    for round_number in range(repeats + 1):  # round 0 warms up
+        for name, fastv in settings.items():
+            cache = KVCache(len(model.language_model.layers))
+            synchronize(model.device)
+            started = time.perf_counter()
+            model(ids, pixels, cache=cache, fastv=fastv, last_logits_only=True)
+            synchronize(model.device)
+            if round_number:
+                times[name].append(time.perf_counter() - started)
+            caches[name] = cache.nbytes()
+    return {name: statistics.median(values) for name, values in times.items()}, caches
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a llava-hf folder or repo id (default: a random LLaVA-shaped model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on CPU, else fp16/bf16")
+    parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (default 5)")
+    parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.model:
+        model = load(args.model, device=device, dtype=dtype)
+    else:
+        model = random_llava(device, dtype or (torch.float32 if device.type == "cpu" else torch.float16))
+    torch.set_num_threads(torch.get_num_threads())
+    config = model.config
+    ids, pixels = benchmark_prompt(config, args.text_tokens)
+    num_tokens, num_image_tokens = ids.shape[1], config.image_tokens_per_image
+    ratios = [0.0, 0.25, 0.5, 0.75]
+    settings = {"no FastV": None, **{f"R={r:.2f}": FastV(args.k, r) for r in ratios}}
+    seconds, cache_bytes = time_prefills(model, ids, pixels, settings, args.repeats)
+
+    text = config.text
+    print(f"model: {args.model or 'random LLaVA-shaped'} | decoder {text.hidden_size} wide, {text.num_hidden_layers} layers | "
+          f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}) | "
+          f"{model.dtype} | prompt {num_tokens} tokens, {num_image_tokens} of them image | K={args.k} | median of {args.repeats}")
+    print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} {'realized/predicted':>18} {'KV cache MB':>11}")
+    baseline = seconds["no FastV"]
+    unpruned_flops = exact_prefill_flops(config, num_tokens, num_image_tokens)
+    for name, fastv in settings.items():
+        flops = unpruned_flops if fastv is None else exact_prefill_flops(config, num_tokens, num_image_tokens, fastv.k, fastv.r)
+        realized, predicted = baseline / seconds[name], unpruned_flops / flops
+        print(f"{name:>9} {seconds[name] * 1e3:>10.1f} {realized:>8.2f}x {flops / unpruned_flops:>11.3f} {predicted:>8.2f}x "
+              f"{realized / predicted:>18.1%} {cache_bytes[name] / 2**20:>11.1f}")
+    overhead = seconds["R=0.00"] / baseline - 1
+    print(f"scoring overhead (FastV R=0 vs no FastV): {overhead:+.1%} of the prefill")
+
+
+if __name__ == "__main__":
+    main()
