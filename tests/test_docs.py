@@ -1,0 +1,120 @@
+"""The docs say what the code does: tutorial excerpts are copied from minifastv/ (model.py and the
+example rules), and README's commands and example run as written."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ILLUSTRATION = "# illustration, not from the source"
+README_REPO_ID = "llava-hf/llava-1.5-7b-hf"
+
+
+def fenced_blocks(path, *languages):
+    """The bodies of the ``` blocks in a markdown file whose language tag is one of `languages`."""
+    text = (ROOT / path).read_text()
+    blocks = re.findall(r"^```([\w-]*)[^\n]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return [body for language, body in blocks if language in languages]
+
+
+def commands(script_text):
+    """Command lines of a shell snippet: comments and blank lines dropped, `\\` continuations joined."""
+    lines, pending = [], ""
+    for line in script_text.splitlines():
+        line = pending + line.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def is_pytest_command(command):
+    return "pytest" in shlex.split(command)[:3]
+
+
+# ------------------------------------------------------------------------------------------------
+# tutorial.md
+
+
+def tutorial_blocks():
+    return fenced_blocks("tutorial.md", "python")
+
+
+def test_tutorial_has_code():
+    assert len(tutorial_blocks()) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(tutorial_blocks())))
+def test_tutorial_excerpt_is_copied_verbatim_from_the_source(index):
+    block = tutorial_blocks()[index]
+    lines = [line.rstrip() for line in block.rstrip("\n").splitlines()]
+    if lines[0] == ILLUSTRATION:
+        compile(block, f"tutorial.md python block {index + 1}", "exec")
+        return
+    n = len(lines)
+    found = []
+    for path in sorted((ROOT / "minifastv").glob("*.py")):
+        source = [line.rstrip() for line in path.read_text().splitlines()]
+        if any(source[start : start + n] == lines for start in range(len(source) - n + 1)):
+            found.append(path.name)
+    assert found, (
+        f"tutorial.md python block {index + 1} (starting {lines[0].strip()!r}) is no longer a run of lines "
+        f"of a file in minifastv/: copy it again from the source, or mark it with {ILLUSTRATION!r} as its first line."
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# README.md, requirements.txt, .ci/run
+
+
+def readme_commands():
+    return [command for block in fenced_blocks("README.md", "bash", "sh", "shell") for command in commands(block)]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme_tests = [command for command in readme_commands() if is_pytest_command(command)]
+    assert len(readme_tests) == 1, f"README.md should give one test command, found {readme_tests}"
+    ci_tests = [command for command in commands((ROOT / ".ci" / "run").read_text()) if is_pytest_command(command)]
+    assert ci_tests, ".ci/run runs no pytest command"
+    assert readme_tests[0] == ci_tests[-1]
+
+
+def test_readme_install_command_and_ci_install_the_requirements():
+    assert "pip install -r requirements.txt" in readme_commands()
+    ci = commands((ROOT / ".ci" / "run").read_text())
+    assert any(command.endswith("pip install -r requirements.txt") for command in ci)
+
+
+def requirements():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def test_requirements_parse_and_admit_the_torch_that_ci_installs_first():
+    packaging = pytest.importorskip("packaging.requirements")
+    parsed = {}
+    for line in requirements():
+        requirement = packaging.Requirement(line)  # raises on a malformed line
+        parsed[requirement.name.lower()] = requirement
+    assert {"torch", "safetensors", "tokenizers", "huggingface-hub", "pillow", "pytest", "transformers"} <= set(parsed)
+    ci_torch = re.search(r"pip install torch==(\S+)", (ROOT / ".ci" / "run").read_text())
+    assert ci_torch, ".ci/run should install a pinned torch before requirements.txt"
+    # The pinned release must satisfy the range, or pip would replace it with a (CUDA) download.
+    assert parsed["torch"].specifier.contains(ci_torch.group(1), prereleases=True)
+    assert parsed["torch"].specifier.contains("2.13.0")
+
+
+def test_readme_python_example_runs(hub_checkpoint, capsys):
+    """The README example, run on the tiny checkpoint in place of the 7B download."""
+    blocks = fenced_blocks("README.md", "python")
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        assert README_REPO_ID in block
+        code = compile(block.replace(README_REPO_ID, str(hub_checkpoint)), "README.md", "exec")
+        exec(code, {"__name__": "readme_example"})
+    assert "[[" in capsys.readouterr().out  # it printed the generated ids

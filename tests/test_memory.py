@@ -1,0 +1,42 @@
+"""Loading streams the checkpoint: host memory grows by the model it keeps, not by the checkpoint.
+
+A random llava-shaped float16 checkpoint of about 650 MB is loaded in fresh processes
+(tests/memory_probe.py; `python tests/measure_load_memory.py` prints all the numbers).
+"""
+
+import sys
+
+import pytest
+
+from memory_probe import largest_tensor_bytes, measure_load, write_checkpoint
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak memory from /proc")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("memory_checkpoint")
+    size = write_checkpoint(folder)
+    assert size >= 500e6
+    return folder, size
+
+
+def test_loading_for_a_gpu_never_holds_the_checkpoint_in_host_memory(checkpoint):
+    """device="meta" reads every tensor and drops it: the host-side cost of streaming to a GPU."""
+    folder, size = checkpoint
+    result = measure_load(folder, "meta", "float16")
+    assert result["model_bytes"] == 0
+    assert result["peak_increase"] < 0.25 * size, (
+        f"loading peaked {result['peak_increase'] / 1e6:.0f} MB above the start for a {size / 1e6:.0f} MB "
+        f"checkpoint whose largest tensor is {largest_tensor_bytes(folder) / 1e6:.0f} MB"
+    )
+
+
+def test_loading_onto_the_cpu_makes_no_second_copy(checkpoint):
+    folder, size = checkpoint
+    result = measure_load(folder, "cpu", "float16")
+    assert result["model_bytes"] >= size * 0.99  # the weights (and the RoPE tables) now live in RAM
+    assert result["peak_increase"] < result["model_bytes"] + 0.25 * size, (
+        f"loading peaked {result['peak_increase'] / 1e6:.0f} MB above the start for a model of "
+        f"{result['model_bytes'] / 1e6:.0f} MB"
+    )
