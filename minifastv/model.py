@@ -147,8 +147,8 @@ class RMSNorm(nn.Module):
 def rope_tables(config: TextConfig, device):
     """cos and sin of every (position, frequency) angle, (max_positions, D), float32.
 
-    Built in float32 at load time (never on the meta device, never in fp16: angles up to 4096 rad
-    need float32). Each position has its own row, so a pruned token can keep its original position.
+    Built in float32 once the model has real memory (never in fp16: angles up to 4096 rad need
+    float32). Each position has its own row, so a pruned token can keep its original position.
     """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
@@ -191,12 +191,11 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if cache is not None:  # prepend the keys and values of earlier tokens
             k, v = cache.update(layer_index, k, v)  # (B, H_kv, S, D)
-        if self.num_kv_heads != self.num_heads:  # grouped-query attention: share each K/V head
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         # Fused attention (SDPA): never materializes the (T, S) weights. `mask is None` means plain causal.
+        # enable_gqa lets several query heads share a key/value head (grouped-query attention).
         is_causal = mask is None and q.shape[2] > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
         return self.o_proj(out), (q, k)  # FastV scores with this layer's queries and keys
 
@@ -249,7 +248,10 @@ def causal_padding_mask(key_mask, num_queries):
     key_index = torch.arange(num_keys, device=key_mask.device)
     query_index = key_index[num_keys - num_queries :]
     causal = key_index[None, :] <= query_index[:, None]  # (T, S)
-    return causal[None, None] & key_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    itself = key_index[None, :] == query_index[:, None]  # (T, S)
+    # A padding query sees only itself: a row with no key at all gives NaN in some SDPA kernels, and a
+    # NaN value would leak into real tokens (0 x NaN = NaN) even though they never attend to padding.
+    return (causal[None, None] & key_mask.bool()[:, None, None, :]) | itself[None, None]  # (B, 1, T, S)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -785,6 +787,7 @@ def read_safetensors(file, accept):
             buffer = bytearray(end - begin)
             f.readinto(buffer)
             yield name, torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            del buffer  # let it go before the next one is read: host memory holds one tensor at a time
 
 
 def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
@@ -826,6 +829,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
     for file_number, file in enumerate(files, 1):
         for checkpoint_name, tensor in read_safetensors(file, accept):
             state[model_name(checkpoint_name)] = tensor.to(device=device, dtype=dtype)
+            del tensor  # on a GPU, the host copy is garbage now
         if progress:
             print(f"loaded {file.name} ({file_number}/{len(files)}, {len(state)}/{len(expected)} tensors, "
                   f"{time.perf_counter() - started:.1f}s)", flush=True)
@@ -861,7 +865,7 @@ def resolve_folder(path_or_repo_id):
             print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", flush=True)
             return target
         raise ConnectionError(
-            f"Could not download {path_or_repo_id} from the Hugging Face hub ({type(error).__name__}: {error}). "
-            f"Check the network and the repo id, or pass a local model folder."
+            f"There is no folder {path_or_repo_id}, and it could not be downloaded from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Check the network and the repo id, or pass a local model folder."
         ) from error
     return target
