@@ -268,3 +268,30 @@ def test_bad_rule_output_is_a_clear_error(ours, bad_rule):
     ids, mask, pixels = make_case(1, 1)
     with pytest.raises(ValueError, match="pruning rule"):
         ours(ids, pixels, fastv=M.FastV(2, 0.5, rule=bad_rule))
+
+
+def test_grouped_query_attention_matches_reference(tmp_path):
+    """LLaVA-1.5 has one key/value head per query head; a GQA decoder (2 KV heads for 4 query heads) must
+    work too, in the plain forward and in FastV's scoring."""
+    from transformers import LlavaForConditionalGeneration
+
+    from conftest import tiny_hf_model
+
+    tiny_hf_model(seed=3, num_key_value_heads=2).save_pretrained(tmp_path)
+    eager = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    sdpa = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    gqa = M.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    assert gqa.language_model.layers[0].self_attn.k_proj.weight.shape[0] == 2 * 16
+    ids, mask, pixels = make_case(1, 2)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions).logits
+        logits = gqa(ids, pixels, mask)
+    real = mask.bool()
+    assert (logits[real] - expected[real]).abs().max().item() < 1e-5
+    expected_last, expected_kept = reference_fastv(eager, sdpa, ids, mask, pixels, 2, 0.5)
+    cache = M.KVCache(4)
+    with torch.no_grad():
+        pruned = gqa(ids, pixels, mask, cache=cache, fastv=M.FastV(2, 0.5))
+    assert torch.equal(cache.kept_image_tokens, expected_kept)
+    assert (pruned[:, -1] - expected_last).abs().max().item() < 1e-5
