@@ -39,7 +39,7 @@ class TextConfig:
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
     head_dim: int | None = None  # None: hidden_size // num_attention_heads = 128
-    max_position_embeddings: int = 4096  # the context: prompt + answer must fit in it
+    max_position_embeddings: int = 2048  # the context (Llama's default; llava-hf sets 4096)
     rms_norm_eps: float = 1e-6  # Llama's default; llava-hf's config.json sets 1e-5
     rope_theta: float = 10000.0  # base of the rotary frequencies
     bos_token_id: int = 1

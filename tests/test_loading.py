@@ -1,0 +1,331 @@
+"""Loading llava-hf checkpoints: config parsing, tensor names and shapes of the real models, and errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REFERENCE, image_prompt, random_pixels
+
+import minifastv.model as minifastv
+from minifastv.model import CheckpointError, LlavaConfig, expected_tensors, load
+
+DATA = Path(__file__).resolve().parent / "data"
+REAL_MODELS = ["llava-1.5-7b-hf", "llava-1.5-13b-hf"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def copy_checkpoint(source, target):
+    shutil.copytree(source, target)
+    return Path(target)
+
+
+def rewrite(folder, edit):
+    """Apply `edit(state)` to the single-file checkpoint in `folder` and write it back."""
+    file = Path(folder) / "model.safetensors"
+    state = load_file(file)
+    edit(state)
+    save_file(state, file, metadata={"format": "pt"})
+    return state
+
+
+def logits_of(model, ids, px):
+    with torch.no_grad():
+        out = model(ids, px)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt():
+    return image_prompt(1, 36), random_pixels(1)
+
+
+@pytest.fixture(scope="session")
+def reference_logits(hf_model, tiny_prompt):
+    ids, px = tiny_prompt
+    with torch.no_grad():
+        return hf_model(input_ids=ids, pixel_values=px).logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real 7B and 13B: names and shapes, built on the meta device only
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_expected_tensors_match_real_manifest(name):
+    config = LlavaConfig.from_file(DATA / name / "config.json")
+    manifest = json.loads((DATA / name / "tensors.json").read_text())
+    want = {tensor: tuple(shape) for tensor, shape in manifest["tensors"].items()}
+    got = {tensor: tuple(shape) for tensor, shape in expected_tensors(config).items()}
+    assert sorted(set(want) - set(got)) == [], "names the model lacks"
+    assert sorted(set(got) - set(want)) == [], "names the checkpoint lacks"
+    assert {k: v for k, v in got.items() if want[k] != v} == {}, "shapes that differ"
+    assert len(got) == manifest["num_tensors"]
+    assert sum(torch.Size(shape).numel() for shape in got.values()) == manifest["num_params"]
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not present")
+@pytest.mark.parametrize("name", REAL_MODELS)
+@pytest.mark.parametrize("file", ["config.json", "tensors.json"])
+def test_data_copies_equal_reference(name, file):
+    assert (DATA / name / file).read_bytes() == (REFERENCE / name / file).read_bytes()
+
+
+def test_config_7b_sparse_defaults():
+    config = LlavaConfig.from_file(DATA / "llava-1.5-7b-hf" / "config.json")
+    text, vision = config.text, config.vision
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (4096, 32, 32)
+    assert text.intermediate_size == 11008
+    assert text.num_key_value_heads == 32 and text.head_dim == 128
+    assert text.rms_norm_eps == 1e-5  # from the file; Llama's default would be 1e-6
+    assert text.rope_theta == 10000.0
+    assert text.vocab_size == 32064 and text.max_position_embeddings == 4096
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (1024, 24, 336, 14)
+    assert vision.intermediate_size == 4096 and vision.num_attention_heads == 16
+    assert config.image_tokens_per_image == 576
+    assert (config.image_token_id, config.pad_token_id) == (32000, 32001)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+
+
+def test_config_13b():
+    config = LlavaConfig.from_file(DATA / "llava-1.5-13b-hf" / "config.json")
+    text = config.text
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (
+        5120, 40, 40, 13824)
+    assert text.head_dim == 128 and text.rms_norm_eps == 1e-5
+    assert (config.vision.hidden_size, config.vision.num_hidden_layers) == (1024, 24)
+    assert config.image_tokens_per_image == 576
+
+
+def hf_config_fields(values):
+    """What transformers' own LlavaConfig makes of a config dict: the oracle for the sparse defaults."""
+    from transformers import LlavaConfig as HFLlavaConfig
+
+    hf = HFLlavaConfig.from_dict(values)
+    text, vision = hf.text_config, hf.vision_config
+    return dict(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=text.head_dim, rms_norm_eps=text.rms_norm_eps,
+        rope_theta=text.rope_parameters["rope_theta"], max_position_embeddings=text.max_position_embeddings,
+        v_hidden_size=vision.hidden_size, v_intermediate_size=vision.intermediate_size,
+        v_num_hidden_layers=vision.num_hidden_layers, v_num_attention_heads=vision.num_attention_heads,
+        v_image_size=vision.image_size, v_patch_size=vision.patch_size, v_layer_norm_eps=vision.layer_norm_eps,
+        image_token_id=hf.image_token_id, vision_feature_layer=hf.vision_feature_layer,
+    )
+
+
+def our_config_fields(values):
+    config = LlavaConfig.from_dict(values)
+    text, vision = config.text, config.vision
+    fields = {name: getattr(text, name) for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings")}
+    fields.update({f"v_{name}": getattr(vision, name) for name in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+        "layer_norm_eps")})
+    fields.update(image_token_id=config.image_token_id, vision_feature_layer=config.vision_feature_layer)
+    return fields
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_config_agrees_with_transformers(name):
+    values = json.loads((DATA / name / "config.json").read_text())
+    assert our_config_fields(values) == hf_config_fields(values)
+
+
+def test_config_defaults_agree_with_transformers():
+    """With empty text and vision sections every size falls back to the Llama / CLIP defaults."""
+    values = json.loads((DATA / "llava-1.5-7b-hf" / "config.json").read_text())
+    values["text_config"], values["vision_config"] = {}, {}
+    ours, theirs = our_config_fields(values), hf_config_fields(values)
+    assert ours["rms_norm_eps"] == 1e-6  # Llama's default, unlike the 1e-5 the llava-hf file sets
+    assert ours == theirs
+
+
+def test_config_written_by_transformers(saved_checkpoint):
+    """transformers 5 writes rope_parameters and every field explicitly; the tiny sizes must come through."""
+    config = LlavaConfig.from_file(saved_checkpoint / "config.json")
+    written = json.loads((saved_checkpoint / "config.json").read_text())
+    text = written["text_config"]
+    assert config.text.hidden_size == text["hidden_size"] == 64
+    assert config.text.num_hidden_layers == text["num_hidden_layers"]
+    assert config.text.max_position_embeddings == 512
+    assert config.vision.image_size == 84 and config.image_tokens_per_image == 36
+
+
+def test_config_refuses_unsupported_rope():
+    values = json.loads((DATA / "llava-1.5-7b-hf" / "config.json").read_text())
+    values["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="RoPE"):
+        LlavaConfig.from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading errors
+
+
+def test_missing_tensor(hub_checkpoint, tmp_path):
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    name = "language_model.model.layers.1.mlp.up_proj.weight"
+    rewrite(folder, lambda state: state.pop(name))
+    with pytest.raises(CheckpointError, match=f"lacks.*{name}"):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_unexpected_tensor(hub_checkpoint, tmp_path):
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    name = "language_model.model.layers.7.mlp.up_proj.weight"  # the tiny model has 4 layers
+
+    def add(state):
+        state[name] = state["language_model.model.layers.0.mlp.up_proj.weight"].clone()
+
+    rewrite(folder, add)
+    with pytest.raises(CheckpointError, match=f"(?i)unexpected.*{name}"):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_wrong_shape(hub_checkpoint, tmp_path):
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    name = "multi_modal_projector.linear_1.weight"
+
+    def shrink(state):
+        assert tuple(state[name].shape) == (64, 48)
+        state[name] = state[name][:, :47].contiguous()
+
+    rewrite(folder, shrink)
+    with pytest.raises(CheckpointError, match=rf"(?s){name}.*\(64, 47\).*\(64, 48\)"):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_pickle_only_folder_is_refused(hf_model, hub_checkpoint, tmp_path):
+    folder = tmp_path / "pickle"
+    folder.mkdir()
+    shutil.copy(hub_checkpoint / "config.json", folder / "config.json")
+    torch.save(hf_model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"(?s)pytorch_model\.bin.*pickle"):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_missing_config(hub_checkpoint, tmp_path):
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_sharded_checkpoint_loads(hf_model, tmp_path, tiny_prompt, reference_logits):
+    folder = tmp_path / "sharded"
+    hf_model.save_pretrained(folder, max_shard_size="5MB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and len(list(folder.glob("*.safetensors"))) == len(shards)
+    model = load(str(folder), device="cpu", dtype=torch.float32, progress=False)
+    diff = (logits_of(model, *tiny_prompt) - reference_logits).abs().max().item()
+    print(f"\n[parity] float32 sharded checkpoint: max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_index_naming_a_missing_shard(hf_model, tmp_path):
+    folder = tmp_path / "sharded"
+    hf_model.save_pretrained(folder, max_shard_size="5MB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    lost = sorted(set(index["weight_map"].values()))[-1]
+    (folder / lost).unlink()
+    with pytest.raises(CheckpointError, match=lost.replace(".", r"\.")):
+        load(str(folder), device="cpu", progress=False)
+
+
+def test_float16_checkpoint_loads_into_float32(hub_checkpoint, tmp_path, tiny_prompt):
+    """The hub stores float16; loading converts each tensor exactly as transformers does."""
+    from transformers import LlavaForConditionalGeneration
+
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "fp16")
+
+    def to_half(state):
+        for name in state:
+            state[name] = state[name].half()
+
+    rewrite(folder, to_half)
+    ours = load(str(folder), device="cpu", dtype=torch.float32, progress=False)
+    assert ours.lm_head.weight.dtype == torch.float32
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, px = tiny_prompt
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px).logits
+    assert (logits_of(ours, ids, px) - expected).abs().max().item() <= 1e-5
+
+
+def test_progress_output(hub_checkpoint, capsys):
+    load(str(hub_checkpoint), device="cpu", progress=False)
+    assert capsys.readouterr().out == ""
+    load(str(hub_checkpoint), device="cpu", progress=True)
+    assert "model.safetensors" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hub ids and bad paths (no network)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The hub unreachable: offline mode, and an empty weights folder."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MINIFASTV_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    monkeypatch.setattr(minifastv, "WEIGHTS_DIR", tmp_path / "weights")  # read once, at import
+    return tmp_path / "weights"
+
+
+def test_unreachable_hub_raises_connection_error(offline_hub):
+    with pytest.raises(ConnectionError, match=r"(?s)someone/not-a-model.*(?i:hub)"):
+        load("someone/not-a-model", device="cpu", progress=False)
+
+
+def test_offline_uses_an_earlier_download(offline_hub, hub_checkpoint, tiny_prompt, reference_logits):
+    copy_checkpoint(hub_checkpoint, offline_hub / "someone--tiny-llava")
+    model = load("someone/tiny-llava", device="cpu", dtype=torch.float32, progress=False)
+    assert (logits_of(model, *tiny_prompt) - reference_logits).abs().max().item() <= 1e-5
+
+
+def test_neither_folder_nor_repo_id(tmp_path, hub_checkpoint):
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load(str(tmp_path / "no" / "such" / "folder"), device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError):
+        load("not-a-folder-or-repo", device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError):
+        load(str(hub_checkpoint / "config.json"), device="cpu", progress=False)  # a file, not a folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# What load() returns
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_loaded_parameters(hub_checkpoint, dtype):
+    model = load(str(hub_checkpoint), device="cpu", dtype=dtype, progress=False)
+    params = dict(model.named_parameters())
+    assert len(params) == len(expected_tensors(model.config))
+    for name, p in params.items():
+        assert p.device == torch.device("cpu"), name
+        assert p.dtype == dtype, name
+        assert not p.requires_grad, name
+    for name, b in model.named_buffers():
+        assert not b.is_meta, name
+    assert not model.training
+    assert model.rope_cos.dtype == torch.float32 and model.rope_sin.dtype == torch.float32
+    assert model.rope_cos.shape[0] == model.config.text.max_position_embeddings
+
+
+def test_default_dtype_on_cpu(hub_checkpoint):
+    model = load(str(hub_checkpoint), device="cpu", progress=False)
+    assert model.lm_head.weight.dtype == torch.float32
