@@ -1,7 +1,7 @@
 """Benchmark FastV's prefill speed-up against its FLOPs prediction: python -m minifastv.bench
 
 By default it builds a random LLaVA-shaped model that fits a laptop (576 image tokens per image, a
-1024-wide 12-layer decoder, a small vision tower); --model runs a real checkpoint instead, e.g.
+1024-wide 12-layer decoder with SwiGLU at 11/4 of the width, a small vision tower); --model runs a real checkpoint instead, e.g.
 `python -m minifastv.bench --model llava-hf/llava-1.5-7b-hf --device cuda`. It prints, for each R at
 K=2: the prefill time, its ratio to the unpruned model, the FLOPs ratio (exact count), and how much of
 the predicted speed-up was realized; then the cost of FastV's scoring alone (R=0 against no FastV)
@@ -18,11 +18,11 @@ from .flops import exact_prefill_flops
 from .model import FastV, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, load, synchronize
 
 
-def random_llava(device, dtype, layers=12):
+def random_llava(device, dtype, layers=12, width=1024):
     """A LLaVA-shaped model with random weights: real image geometry, smaller widths."""
     config = LlavaConfig(
-        text=TextConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                        num_attention_heads=8, rms_norm_eps=1e-5),
+        text=TextConfig(vocab_size=32064, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
+                        num_attention_heads=max(1, width // 128), max_position_embeddings=4096, rms_norm_eps=1e-5),
         vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             image_size=336, patch_size=14),
     )
@@ -70,6 +70,8 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (default 5)")
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (default 12)")
+    parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model (default 1024)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -77,8 +79,7 @@ def main(argv=None):
     if args.model:
         model = load(args.model, device=device, dtype=dtype)
     else:
-        model = random_llava(device, dtype or (torch.float32 if device.type == "cpu" else torch.float16))
-    torch.set_num_threads(torch.get_num_threads())
+        model = random_llava(device, dtype or (torch.float32 if device.type == "cpu" else torch.float16), args.layers, args.width)
     config = model.config
     ids, pixels = benchmark_prompt(config, args.text_tokens)
     num_tokens, num_image_tokens = ids.shape[1], config.image_tokens_per_image

@@ -1,0 +1,17 @@
+"""The benchmark script runs and reports every setting (its numbers are for people, not for asserts)."""
+
+import re
+
+from minifastv import bench
+
+
+def test_bench_reports_each_setting(capsys):
+    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for setting in ("no FastV", "R=0.00", "R=0.25", "R=0.50", "R=0.75"):
+        assert re.search(rf"^\s*{re.escape(setting)}\s+\d+\.\d", out, flags=re.MULTILINE), out
+    assert "scoring overhead" in out and "576 of them image" in out
+    # The FLOPs column falls with R: the prediction the timings are set against.
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s*(no FastV|R=)", line)]
+    ratios = [float(row[-4]) for row in rows]  # columns from the right: KV MB, realized, predicted, FLOPs ratio
+    assert ratios[0] == 1.0 and ratios[1] == 1.0 and ratios[2] > ratios[3] > ratios[4]
