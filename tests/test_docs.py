@@ -118,3 +118,16 @@ def test_readme_python_example_runs(hub_checkpoint, capsys):
         code = compile(block.replace(README_REPO_ID, str(hub_checkpoint)), "README.md", "exec")
         exec(code, {"__name__": "readme_example"})
     assert "[[" in capsys.readouterr().out  # it printed the generated ids
+
+
+def test_readme_module_commands_run(capsys):
+    """Each `python -m minifastv.<tool>` command in README runs, on a small model where it takes one."""
+    import importlib
+
+    small = {"minifastv.bench": ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"]}
+    module_commands = [shlex.split(c) for c in readme_commands() if c.startswith("python -m minifastv")]
+    assert module_commands, "README.md shows no minifastv command"
+    for words in module_commands:
+        module = importlib.import_module(words[2])
+        module.main(words[3:] + small.get(words[2], []))  # later flags win: only sizes are shrunk
+        assert capsys.readouterr().out

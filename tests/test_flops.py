@@ -1,0 +1,52 @@
+"""FLOPs: the paper's formula reproduces its Table 1, and the exact count equals what torch counts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import minifastv.model as M
+from minifastv.flops import exact_prefill_flops, paper_flops, prefill_flops_report
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("k, r, per_layer", [
+    (None, 0.0, 154.6), (2, 0.5, 84.6), (2, 0.75, 50.2), (2, 0.9, 29.7), (3, 0.5, 86.4), (5, 0.5, 90.1),
+])
+def test_paper_table_1_for_llava_13b(k, r, per_layer):
+    """FastV's Table 1: 36 system-prompt tokens and 576 image tokens, average per layer, in billions."""
+    config = M.LlavaConfig.from_file(DATA / "llava-1.5-13b-hf" / "config.json")
+    flops = paper_flops(config, 36, 576, k, r) / config.text.num_hidden_layers / 1e9
+    assert round(flops, 1) == per_layer
+
+
+def counted_flops(model, ids, pixels, fastv):
+    """What torch's FLOP counter sees. The fused CPU attention kernel is invisible to it, so attention runs
+    on SDPA's math backend here: the same products (full T x S, as the exact count assumes), spelled out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, pixels, fastv=fastv, last_logits_only=True)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("fastv", [None, M.FastV(2, 0.5), M.FastV(1, 0.75), M.FastV(3, 0.0)])
+def test_exact_count_equals_torch_flop_counter(hub_checkpoint, fastv):
+    from conftest import image_prompt, random_pixels
+
+    model = M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    ids, pixels = image_prompt(2, 36), random_pixels(2)
+    k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
+    assert exact_prefill_flops(model.config, ids.shape[1], 72, k, r) == counted_flops(model, ids, pixels, fastv)
+
+
+def test_report_ratios():
+    config = M.LlavaConfig.from_file(DATA / "llava-1.5-7b-hf" / "config.json")
+    report = prefill_flops_report(config, 612, 576, M.FastV(2, 0.5))
+    assert report["paper_ratio"] == pytest.approx(paper_flops(config, 36, 576, 2, 0.5) / paper_flops(config, 36, 576))
+    assert report["exact"] < report["exact_unpruned"] and 0.5 < report["exact_ratio"] < 0.6
+    plain = prefill_flops_report(config, 612, 576, None)
+    assert plain["exact_ratio"] == 1.0 and plain["paper_ratio"] == 1.0
