@@ -7,7 +7,6 @@ D head size, C channels.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, fields
@@ -514,6 +513,8 @@ class Llava(nn.Module):
         prune_now = fastv is not None and bool(is_image.any())
         if prune_now and key_mask.shape[1] != T:
             raise ValueError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
+        if prune_now and bool((is_image.sum(dim=1) != is_image[0].sum()).any()):
+            raise ValueError(f"FastV needs the same number of image tokens in every prompt of a batch, got {is_image.sum(dim=1).tolist()}.")
 
         for index, layer in enumerate(self.language_model.layers):
             if index == cache.pruned_at:  # decoding after FastV: these layers cached only the kept tokens
@@ -522,9 +523,6 @@ class Llava(nn.Module):
                 # ===================================== FastV =====================================
                 # Rank the image tokens by the attention the LAST token paid them in layer K-1
                 # (`queries`, `keys` are that layer's), keep the top (1 - R), drop the rest.
-                image_counts = is_image.sum(dim=1)
-                if bool((image_counts != image_counts[0]).any()):
-                    raise ValueError(f"FastV needs the same number of image tokens in every prompt of a batch, got {image_counts.tolist()}.")
                 image_positions = is_image.nonzero()[:, 1].view(B, -1)  # (B, N), in sequence order
                 num_image_tokens = image_positions.shape[1]
                 num_keep = round(num_image_tokens * (1 - fastv.r))

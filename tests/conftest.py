@@ -5,8 +5,6 @@ The configs keep the real token ids (<image> 32000, <pad> 32001, vocab 32064) an
 that run in milliseconds on a CPU.
 """
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +87,14 @@ def image_prompt(num_images, tokens_per_image, text_before=5, text_after=7, seed
 def random_pixels(num_images, image_size=84, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_images, 3, image_size, image_size, generator=generator)
+
+
+def left_pad(prompts, pad_id=PAD_TOKEN):
+    """Stack (1, T_i) prompts into a left-padded (B, T) batch and its attention mask."""
+    length = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - prompt.shape[1] :] = prompt[0]
+        mask[row, length - prompt.shape[1] :] = 1
+    return ids, mask

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import IMAGE_TOKEN, PAD_TOKEN, image_prompt, random_pixels
+from conftest import IMAGE_TOKEN, PAD_TOKEN, image_prompt, left_pad, random_pixels
 
 from minifastv.model import load
 
@@ -28,17 +28,6 @@ def max_abs_diff(actual, expected, atol, what):
     print(f"\n[parity] {what}: max abs diff {diff:.3g} (tolerance {atol:.3g})")
     assert diff <= atol, f"{what}: max abs diff {diff} exceeds {atol}"
     return diff
-
-
-def left_pad(prompts, pad_id=PAD_TOKEN):
-    """Stack (1, T_i) prompts into a left-padded batch and its attention mask."""
-    length = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - prompt.shape[1] :] = prompt[0]
-        mask[row, length - prompt.shape[1] :] = 1
-    return ids, mask
 
 
 def positions_from_mask(mask):

@@ -19,7 +19,7 @@ minifastv must be about as accurate as transformers at the same dtype:
 import pytest
 import torch
 
-from conftest import PAD_TOKEN, image_prompt, random_pixels
+from conftest import PAD_TOKEN, image_prompt, left_pad, random_pixels
 
 from minifastv.model import load
 
@@ -41,16 +41,6 @@ DTYPES = [
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers and fixtures
-
-
-def left_pad(prompts, pad_id=PAD_TOKEN):
-    length = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - prompt.shape[1] :] = prompt[0]
-        mask[row, length - prompt.shape[1] :] = 1
-    return ids, mask
 
 
 def hf_logits(model, ids, px=None, mask=None):

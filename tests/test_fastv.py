@@ -11,7 +11,7 @@ import torch
 import minifastv.model as M
 from minifastv.rules import grid_rule, no_rope_rule, random_rule
 
-from conftest import IMAGE_TOKEN, PAD_TOKEN, image_prompt, random_pixels
+from conftest import IMAGE_TOKEN, image_prompt, left_pad, random_pixels
 
 TOKENS_PER_IMAGE = 36  # the tiny 84 px images: a 6 x 6 grid
 
@@ -35,21 +35,10 @@ def hf_sdpa(saved_checkpoint):
     return LlavaForConditionalGeneration.from_pretrained(saved_checkpoint, dtype=torch.float32).eval()
 
 
-def left_padded_batch(prompts):
-    """Stack (1, T_i) prompts into (B, T) with left padding and its attention mask."""
-    length = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), length), PAD_TOKEN)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - prompt.shape[1]:] = prompt[0]
-        mask[row, length - prompt.shape[1]:] = 1
-    return ids, mask
-
-
 def make_case(num_images, batch_size):
     prompts = [image_prompt(num_images, TOKENS_PER_IMAGE, text_before=4 + 3 * row, text_after=6 + row, seed=row)
                for row in range(batch_size)]
-    ids, mask = left_padded_batch(prompts)
+    ids, mask = left_pad(prompts)
     pixels = random_pixels(num_images * batch_size, seed=num_images)
     return ids, mask, pixels
 
@@ -254,7 +243,7 @@ def test_r_out_of_range(r):
 
 
 def test_batch_with_different_image_counts_is_refused(ours):
-    ids, mask = left_padded_batch([image_prompt(1, 36), image_prompt(2, 36, seed=1)])
+    ids, mask = left_pad([image_prompt(1, 36), image_prompt(2, 36, seed=1)])
     with pytest.raises(ValueError, match="same number of image tokens"):
         ours(ids, random_pixels(3), mask, fastv=M.FastV(2, 0.5))
 

@@ -1,6 +1,5 @@
 """FLOPs: the paper's formula reproduces its Table 1, and the exact count equals what torch counts."""
 
-import json
 from pathlib import Path
 
 import pytest
