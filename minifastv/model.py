@@ -8,6 +8,7 @@ D head size, C channels.
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -830,7 +831,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
             del tensor  # on a GPU, the host copy is garbage now
         if progress:
             print(f"loaded {file.name} ({file_number}/{len(files)}, {len(state)}/{len(expected)} tensors, "
-                  f"{time.perf_counter() - started:.1f}s)", flush=True)
+                  f"{time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
     missing = [hub_name(name) for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -860,7 +861,7 @@ def resolve_folder(path_or_repo_id):
         snapshot_download(repo_id=str(path_or_repo_id), local_dir=target, allow_patterns=HUB_FILES)
     except Exception as error:  # the hub's errors vary by version and network; all mean the same to a user
         if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-            print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", flush=True)
+            print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", file=sys.stderr, flush=True)
             return target
         raise ConnectionError(
             f"There is no folder {path_or_repo_id}, and it could not be downloaded from the Hugging Face hub "

@@ -15,7 +15,7 @@ IMAGE_TOKEN = 32000
 PAD_TOKEN = 32001
 
 
-def tiny_hf_config(image_size=84, layers=4, **text_overrides):
+def tiny_hf_config(image_size=84, layers=4, image_token_id=IMAGE_TOKEN, pad_token_id=PAD_TOKEN, **text_overrides):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = dict(vocab_size=32064, hidden_size=64, intermediate_size=172, num_hidden_layers=layers,
@@ -23,8 +23,8 @@ def tiny_hf_config(image_size=84, layers=4, **text_overrides):
     text.update(text_overrides)
     vision = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                               image_size=image_size, patch_size=14, projection_dim=32)
-    return LlavaConfig(text_config=LlamaConfig(**text), vision_config=vision, image_token_index=IMAGE_TOKEN,
-                       pad_token_id=PAD_TOKEN)
+    return LlavaConfig(text_config=LlamaConfig(**text), vision_config=vision, image_token_index=image_token_id,
+                       pad_token_id=pad_token_id)
 
 
 def tiny_hf_model(seed=0, **config_kwargs):

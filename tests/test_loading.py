@@ -264,9 +264,10 @@ def test_float16_checkpoint_loads_into_float32(hub_checkpoint, tmp_path, tiny_pr
 
 def test_progress_output(hub_checkpoint, capsys):
     load(str(hub_checkpoint), device="cpu", progress=False)
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "")
     load(str(hub_checkpoint), device="cpu", progress=True)
-    assert "model.safetensors" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "model.safetensors" in captured.err and captured.out == ""  # progress goes to stderr, answers to stdout
 
 
 # ----------------------------------------------------------------------------------------------------
