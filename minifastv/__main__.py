@@ -147,7 +147,8 @@ def side_by_side(left, right, width=60):
     return "\n".join(rows)
 
 
-def main(argv=None, out=sys.stdout):
+def main(argv=None, out=None):
+    out = out or sys.stdout  # looked up now, not at import: tests and notebooks replace sys.stdout
     args = parse_args(argv)
     device, folder, tokenizer, input_ids, pixel_values = prepare(args)
     dtype = pick_dtype(args.dtype, device)
@@ -157,6 +158,8 @@ def main(argv=None, out=sys.stdout):
     print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     fastv = FastV(args.k, args.r)
     if args.compare:
+        with torch.inference_mode():  # warm up (kernels, allocator) so that neither run pays for it in the timings
+            model(input_ids, pixel_values, last_logits_only=True)
         print("--- without FastV ---", file=out)
         answer_plain, stats_plain = run(model, tokenizer, input_ids, pixel_values, None, args, out)
         print(f"--- with FastV (K={args.k}, R={args.r}) ---", file=out)

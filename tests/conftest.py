@@ -5,6 +5,7 @@ The configs keep the real token ids (<image> 32000, <pad> 32001, vocab 32064) an
 that run in milliseconds on a CPU.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,28 @@ def left_pad(prompts, pad_id=PAD_TOKEN):
         ids[row, length - prompt.shape[1] :] = prompt[0]
         mask[row, length - prompt.shape[1] :] = 1
     return ids, mask
+
+
+def write_cli_checkpoint(folder, image_size=84):
+    """A complete tiny model folder, as a hub download looks: config + safetensors, the tokenizer files of a
+    small Llama-style tokenizer (tests/tokenizer_factory.py), and a preprocessor config for its image size."""
+    from tokenizer_factory import write_small_llama_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = write_small_llama_tokenizer(folder / "tok")
+    vocab_size = -(-ids["vocab_size"] // 64) * 64  # padded to 64, like llava-hf's 32064
+    tiny_hf_model(image_size=image_size, image_token_id=ids["image_token_id"], pad_token_id=ids["pad_token_id"],
+                  vocab_size=vocab_size).save_pretrained(folder)
+    for file in (folder / "tok").iterdir():
+        file.rename(folder / file.name)
+    (folder / "tok").rmdir()
+    preprocessor = json.loads((Path(__file__).parent / "data" / "llava-1.5-7b-hf" / "preprocessor_config.json").read_text())
+    preprocessor["crop_size"] = {"height": image_size, "width": image_size}
+    preprocessor["size"] = {"shortest_edge": image_size}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cli_checkpoint(tmp_path_factory):
+    return write_cli_checkpoint(tmp_path_factory.mktemp("cli") / "tiny-llava")

@@ -16,35 +16,13 @@ from minifastv import __main__ as cli_module
 from minifastv.image import ImageProcessorConfig, load_image, preprocess
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
 
-from conftest import tiny_hf_model
-from tokenizer_factory import write_small_llama_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SIZE = 84  # the tiny vision tower: 6 x 6 patches of 14 px
-
-
-def write_cli_checkpoint(folder):
-    """A complete tiny model folder: config + safetensors, tokenizer files, preprocessor config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = write_small_llama_tokenizer(folder / "tok")
-    vocab_size = -(-ids["vocab_size"] // 64) * 64  # padded to 64, like llava-hf's 32064
-    tiny_hf_model(image_token_id=ids["image_token_id"], pad_token_id=ids["pad_token_id"],
-                  vocab_size=vocab_size).save_pretrained(folder)
-    for file in (folder / "tok").iterdir():
-        file.rename(folder / file.name)
-    (folder / "tok").rmdir()
-    preprocessor = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "size": {"shortest_edge": IMAGE_SIZE},
-                    "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
-                    "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
-                    "rescale_factor": 0.00392156862745098, "image_processor_type": "CLIPImageProcessor"}
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return folder
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_cli_checkpoint(tmp_path_factory.mktemp("cli") / "tiny-llava")
+def checkpoint(cli_checkpoint):
+    return cli_checkpoint
 
 
 def run_cli(*args, env=None):

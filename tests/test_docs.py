@@ -120,14 +120,28 @@ def test_readme_python_example_runs(hub_checkpoint, capsys):
     assert "[[" in capsys.readouterr().out  # it printed the generated ids
 
 
-def test_readme_module_commands_run(capsys):
-    """Each `python -m minifastv.<tool>` command in README runs, on a small model where it takes one."""
+def test_readme_module_commands_run(cli_checkpoint, capsys):
+    """Each `python -m minifastv...` command in README runs as written, on a tiny model with a tokenizer
+    in place of the 7B download, and on a small random model for the benchmark."""
     import importlib
 
-    small = {"minifastv.bench": ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"]}
+    small = {
+        "minifastv": ["--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4"],
+        "minifastv.bench": ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"],
+    }
     module_commands = [shlex.split(c) for c in readme_commands() if c.startswith("python -m minifastv")]
-    assert module_commands, "README.md shows no minifastv command"
+    assert {words[2] for words in module_commands} == set(small), "README.md should show the CLI and the bench"
     for words in module_commands:
-        module = importlib.import_module(words[2])
-        module.main(words[3:] + small.get(words[2], []))  # later flags win: only sizes are shrunk
+        module = importlib.import_module(words[2] + (".__main__" if words[2] == "minifastv" else ""))
+        module.main(words[3:] + small[words[2]])  # later flags win: only the model and sizes change
         assert capsys.readouterr().out
+
+
+def test_readme_colab_commands_fit_together():
+    """The Colab block: clone into a folder, cd into that folder, install, run (the run is tested above)."""
+    colab = [block for block in fenced_blocks("README.md", "bash") if "git clone" in block]
+    assert len(colab) == 1
+    lines = commands(colab[0])
+    clone, cd = shlex.split(lines[0]), shlex.split(lines[1])
+    assert clone[:2] == ["git", "clone"] and cd == ["cd", clone[-1]]
+    assert lines[2] == "pip install -r requirements.txt" and lines[3].startswith("python -m minifastv")
