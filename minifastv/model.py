@@ -579,20 +579,20 @@ class Llava(nn.Module):
         if stats is not None:
             stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        started = time.perf_counter()
         for step in range(max_new_tokens):
             next_token = next_token.masked_fill(finished, self.config.pad_token_id)
             yield next_token
             finished |= next_token == eos_token_id
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
+            started = time.perf_counter()  # timed per step: what the caller does between tokens is not ours
             logits = self(next_token[:, None], cache=cache, last_logits_only=True)
             next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)
             if stats is not None:
+                synchronize(self.device)
                 stats.decode_tokens += 1
-        synchronize(self.device)
+                stats.decode_seconds += time.perf_counter() - started
         if stats is not None:
-            stats.decode_seconds = time.perf_counter() - started
             stats.kv_cache_bytes = cache.nbytes()
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **options):
@@ -824,14 +824,17 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
         return True
 
     files = safetensors_files(folder)
-    started = time.perf_counter()
-    for file_number, file in enumerate(files, 1):
+    from tqdm.auto import tqdm  # the progress bar huggingface-hub uses for downloads
+
+    bar = tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, desc="loading",
+               disable=not progress, file=sys.stderr)
+    for file in files:
+        bar.set_postfix_str(file.name)
         for checkpoint_name, tensor in read_safetensors(file, accept):
             state[model_name(checkpoint_name)] = tensor.to(device=device, dtype=dtype)
+            bar.update(tensor.numel() * tensor.element_size())
             del tensor  # on a GPU, the host copy is garbage now
-        if progress:
-            print(f"loaded {file.name} ({file_number}/{len(files)}, {len(state)}/{len(expected)} tensors, "
-                  f"{time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
+    bar.close()
     missing = [hub_name(name) for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
