@@ -82,3 +82,49 @@ def prefill_flops_report(config: LlavaConfig, num_tokens, num_image_tokens, fast
     report["paper_ratio"] = report["paper"] / report["paper_unpruned"]
     report["exact_ratio"] = report["exact"] / report["exact_unpruned"]
     return report
+
+
+def llava_15_config(size):
+    """LLaVA-1.5-7B or -13B's config, as llava-hf's config.json gives it (no file needed)."""
+    from .model import TextConfig, VisionConfig
+
+    vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14)
+    widths = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+              "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
+    text = TextConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, **widths[size])
+    return LlavaConfig(text=text, vision=vision)
+
+
+def main(argv=None):
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m minifastv.flops",
+                                     description="Prefill FLOPs of LLaVA with and without FastV: the paper's model and an exact count.")
+    parser.add_argument("--config", default="13b", help="7b, 13b, or a config.json / model folder (default 13b, the paper's Table 1)")
+    parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
+    parser.add_argument("--r", type=float, default=0.5, help="FastV's R (default 0.5)")
+    parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (default 36, as in the paper)")
+    parser.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
+    args = parser.parse_args(argv)
+    if args.config in ("7b", "13b"):
+        config = llava_15_config(args.config)
+    else:
+        path = Path(args.config)
+        config = LlavaConfig.from_file(path / "config.json" if path.is_dir() else path)
+    num_image = args.images * config.image_tokens_per_image
+    num_tokens = args.text_tokens + num_image
+    layers = config.text.num_hidden_layers
+    paper_base = paper_flops(config, args.text_tokens, num_image) / layers / 1e9
+    paper_fast = paper_flops(config, args.text_tokens, num_image, args.k, args.r) / layers / 1e9
+    exact_base = exact_prefill_flops(config, num_tokens, num_image) / 1e12
+    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r) / 1e12
+    print(f"{args.config}: {args.text_tokens} text + {num_image} image tokens, FastV K={args.k} R={args.r}")
+    print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
+    print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
+          f"({1 - exact_fast / exact_base:.1%} fewer)")
+
+
+if __name__ == "__main__":
+    main()

@@ -49,3 +49,20 @@ def test_report_ratios():
     assert report["exact"] < report["exact_unpruned"] and 0.5 < report["exact_ratio"] < 0.6
     plain = prefill_flops_report(config, 612, 576, None)
     assert plain["exact_ratio"] == 1.0 and plain["paper_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_built_in_configs_equal_the_real_files(size):
+    from minifastv.flops import llava_15_config
+
+    assert llava_15_config(size) == M.LlavaConfig.from_file(DATA / f"llava-1.5-{size}-hf" / "config.json")
+
+
+def test_flops_cli_prints_table_1(capsys):
+    from minifastv.flops import main
+
+    main([])  # the defaults are the paper's Table 1 setting: 13B, 36 + 576 tokens, K=2, R=50%
+    out = capsys.readouterr().out
+    assert "154.6 -> 84.6 GFLOPs" in out and "TFLOPs" in out
+    main(["--config", str(DATA / "llava-1.5-7b-hf" / "config.json"), "--k", "3", "--r", "0.75"])
+    assert "K=3 R=0.75" in capsys.readouterr().out
