@@ -5,19 +5,22 @@ By default it builds a random LLaVA-shaped model that fits a laptop (576 image t
 `python -m minifastv.bench --model llava-hf/llava-1.5-7b-hf --device cuda`. It prints, for each R at
 K=2: the prefill time, its ratio to the unpruned model, the FLOPs ratio (exact count), and how much of
 the predicted speed-up was realized; then the cost of FastV's scoring alone (R=0 against no FastV)
-and the KV-cache size.
+and the KV-cache size. When transformers is installed, it also runs the same weights through
+transformers' LlavaForConditionalGeneration (SDPA) and compares prefill time, decode speed and, on
+CUDA, peak GPU memory.
 """
 
 import argparse
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from .flops import exact_prefill_flops
-from .model import (FastV, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, fastv_rule, last_token_attention, load,
-                    synchronize)
+from .model import (FastV, GenerationStats, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, fastv_rule,
+                    last_token_attention, load, resolve_folder, synchronize)
 
 
 def random_llava(device, dtype, layers=12, width=1024):
@@ -86,6 +89,74 @@ def time_scoring(model, ids, pixels, k, repeats=50):
     return statistics.median(times[1:])
 
 
+def transformers_name(name):
+    """This file's parameter name -> transformers 5's LlavaForConditionalGeneration name."""
+    if name.startswith("lm_head."):
+        return name
+    return "model." + name.replace("vision_tower.layers.", "vision_tower.encoder.layers.")
+
+
+def transformers_twin(model, folder=None):
+    """transformers' LLaVA (SDPA) with the same weights, dtype and device; None when transformers is missing."""
+    try:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaConfig as TransformersLlavaConfig
+    except ImportError:
+        return None
+    if folder is not None:  # a real checkpoint: transformers reads the same files
+        return LlavaForConditionalGeneration.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+    config = model.config
+    text = dataclasses.asdict(config.text)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    hf_config = TransformersLlavaConfig(
+        text_config=LlamaConfig(**text), vision_config=CLIPVisionConfig(**dataclasses.asdict(config.vision)),
+        image_token_index=config.image_token_id, pad_token_id=config.pad_token_id,
+        vision_feature_layer=config.vision_feature_layer, vision_feature_select_strategy=config.vision_feature_select_strategy)
+    twin = LlavaForConditionalGeneration(hf_config).to(model.dtype)
+    twin.load_state_dict({transformers_name(name): tensor for name, tensor in model.state_dict().items()}, strict=True)
+    return twin.to(model.device).eval()
+
+
+@torch.inference_mode()
+def compare_with_transformers(model, twin, ids, pixels, repeats, new_tokens=16):
+    """Median prefill seconds, decode tokens/s and peak GPU bytes of minifastv and of transformers."""
+    device = model.device
+
+    def peak_memory(run):
+        if device.type != "cuda":
+            run()
+            return None
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        return torch.cuda.max_memory_allocated(device)
+
+    results = {"transformers": {"prefill": [], "decode": []}, "minifastv": {"prefill": [], "decode": []}}
+    for round_number in range(repeats + 1):  # round 0 warms up; the two take turns
+        synchronize(device)
+        started = time.perf_counter()
+        twin(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype), logits_to_keep=1)
+        synchronize(device)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        memory = peak_memory(lambda: twin.generate(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype),
+                                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False))
+        synchronize(device)
+        decode_rate = (new_tokens - 1) / max(time.perf_counter() - started - prefill, 1e-9)
+        if round_number:
+            results["transformers"]["prefill"].append(prefill)
+            results["transformers"]["decode"].append(decode_rate)
+            results["transformers"]["memory"] = memory
+
+        stats = GenerationStats()
+        memory = peak_memory(lambda: model.generate(ids, pixels, max_new_tokens=new_tokens, eos_token_id=-1, stats=stats))
+        if round_number:
+            results["minifastv"]["prefill"].append(stats.prefill_seconds)
+            results["minifastv"]["decode"].append(stats.decode_tokens_per_second)
+            results["minifastv"]["memory"] = memory
+    return {name: {"prefill": statistics.median(r["prefill"]), "decode": statistics.median(r["decode"]),
+                   "memory": r.get("memory")} for name, r in results.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a llava-hf folder or repo id (default: a random LLaVA-shaped model)")
@@ -96,6 +167,7 @@ def main(argv=None):
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (default 12)")
     parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model (default 1024)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the comparison with transformers")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -127,6 +199,23 @@ def main(argv=None):
     scoring = time_scoring(model, ids, pixels, args.k)
     print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise included); "
           f"the scoring step alone {scoring * 1e3:.2f} ms = {scoring / baseline:.2%} of the prefill")
+
+    twin = None if args.no_transformers else transformers_twin(model, resolve_folder(args.model) if args.model else None)
+    if twin is None:
+        print("transformers comparison skipped" + ("" if args.no_transformers else ": transformers is not installed"))
+        return
+    import transformers
+
+    results = compare_with_transformers(model, twin, ids, pixels, args.repeats)
+    print(f"same weights through transformers {transformers.__version__} LlavaForConditionalGeneration (sdpa), "
+          f"unpruned, greedy, 16 new tokens:")
+    print(f"{'':>13} {'prefill ms':>10} {'decode tokens/s':>15} {'peak GPU MiB':>12}")
+    for name, r in results.items():
+        memory = f"{r['memory'] / 2**20:.0f}" if r["memory"] is not None else "-"
+        print(f"{name:>13} {r['prefill'] * 1e3:>10.1f} {r['decode']:>15.1f} {memory:>12}")
+    ours, theirs = results["minifastv"], results["transformers"]
+    print(f"minifastv / transformers: prefill time {ours['prefill'] / theirs['prefill']:.2f} (target <= 1.00), "
+          f"decode speed {ours['decode'] / theirs['decode']:.2f}x")
 
 
 if __name__ == "__main__":

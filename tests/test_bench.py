@@ -6,7 +6,7 @@ from minifastv import bench
 
 
 def test_bench_reports_each_setting(capsys):
-    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu", "--no-transformers"])
     out = capsys.readouterr().out
     for setting in ("no FastV", "R=0.00", "R=0.25", "R=0.50", "R=0.75"):
         assert re.search(rf"^\s*{re.escape(setting)}\s+\d+\.\d", out, flags=re.MULTILINE), out
@@ -15,3 +15,23 @@ def test_bench_reports_each_setting(capsys):
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s*(no FastV|R=)", line)]
     ratios = [float(row[-4]) for row in rows]  # columns from the right: KV MB, realized, predicted, FLOPs ratio
     assert ratios[0] == 1.0 and ratios[1] == 1.0 and ratios[2] > ratios[3] > ratios[4]
+
+
+def test_transformers_twin_has_the_same_weights():
+    """The comparison is only fair if transformers runs the very same model: equal logits."""
+    import torch
+
+    model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
+    twin = bench.transformers_twin(model)
+    ids, pixels = bench.benchmark_prompt(model.config, 10)
+    with torch.no_grad():
+        ours = model(ids, pixels)
+        theirs = twin(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_bench_compares_with_transformers(capsys):
+    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"^\s*transformers\s+\d+\.\d\s+\d+\.\d", out, flags=re.MULTILINE), out
+    assert re.search(r"minifastv / transformers: prefill time \d+\.\d\d", out)
