@@ -28,6 +28,13 @@ def _known_fields(cls, values):
     return cls(**{key: value for key, value in values.items() if key in names})
 
 
+def _refuse_unsupported(values, **supported):
+    """Raise when the config asks for a variant this file does not implement (e.g. biased attention)."""
+    for key, expected in supported.items():
+        if values.get(key, expected) != expected:
+            raise ValueError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
+
+
 @dataclass
 class TextConfig:
     """The Llama (Vicuna) decoder. Defaults are Llama's; LLaVA-1.5-7B leaves most of them out."""
@@ -118,13 +125,6 @@ class LlavaConfig:
     @classmethod
     def from_file(cls, path):
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def _refuse_unsupported(values, **supported):
-    """Raise when the config asks for a variant this file does not implement (e.g. biased attention)."""
-    for key, expected in supported.items():
-        if values.get(key, expected) != expected:
-            raise ValueError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,6 +344,54 @@ class MultiModalProjector(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KV cache: what generation keeps of earlier tokens, so each new token costs one row, not the prompt.
+
+
+class KVCache:
+    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks.
+
+    After FastV pruned the prompt at layer K, layers >= K hold fewer tokens than layers < K, so the
+    cache keeps two masks: one over all tokens (positions, layers < K), one over the kept tokens.
+    """
+
+    def __init__(self, num_layers, keep=True):
+        self.keep = keep  # False: a forward pass without generation; track masks, store no keys
+        self.keys = [None] * num_layers
+        self.values = [None] * num_layers
+        self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
+        self.pruned_at = None  # FastV's K once the prompt was pruned
+        self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
+        self.keep_indices = None  # (B, T_kept): the prompt positions that survived layer K
+        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived (patch = index % 576)
+        self.num_image_tokens = 0
+
+    def extend_mask(self, new_mask):
+        past = self.attention_mask
+        self.attention_mask = new_mask if past is None else torch.cat([past, new_mask], dim=1)
+        return self.attention_mask
+
+    def extend_pruned_mask(self, new_mask):
+        self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
+        return self.pruned_attention_mask
+
+    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens, num_image_tokens):
+        self.pruned_at, self.pruned_attention_mask = layer, kept_mask
+        self.keep_indices, self.kept_image_tokens, self.num_image_tokens = keep_indices, kept_image_tokens, num_image_tokens
+
+    def update(self, layer_index, k, v):
+        if not self.keep:
+            return k, v
+        if self.keys[layer_index] is not None:
+            k = torch.cat([self.keys[layer_index], k], dim=2)
+            v = torch.cat([self.values[layer_index], v], dim=2)
+        self.keys[layer_index], self.values[layer_index] = k, v
+        return k, v
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,50 +664,6 @@ def pick_token(logits, temperature, top_p, generator):
     sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes itself
     return order.gather(-1, choice)[:, 0]
-
-
-class KVCache:
-    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks.
-
-    After FastV pruned the prompt at layer K, layers >= K hold fewer tokens than layers < K, so the
-    cache keeps two masks: one over all tokens (positions, layers < K), one over the kept tokens.
-    """
-
-    def __init__(self, num_layers, keep=True):
-        self.keep = keep  # False: a forward pass without generation; track masks, store no keys
-        self.keys = [None] * num_layers
-        self.values = [None] * num_layers
-        self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
-        self.pruned_at = None  # FastV's K once the prompt was pruned
-        self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
-        self.keep_indices = None  # (B, T_kept): the prompt positions that survived layer K
-        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived (patch = index % 576)
-        self.num_image_tokens = 0
-
-    def extend_mask(self, new_mask):
-        past = self.attention_mask
-        self.attention_mask = new_mask if past is None else torch.cat([past, new_mask], dim=1)
-        return self.attention_mask
-
-    def extend_pruned_mask(self, new_mask):
-        self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
-        return self.pruned_attention_mask
-
-    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens, num_image_tokens):
-        self.pruned_at, self.pruned_attention_mask = layer, kept_mask
-        self.keep_indices, self.kept_image_tokens, self.num_image_tokens = keep_indices, kept_image_tokens, num_image_tokens
-
-    def update(self, layer_index, k, v):
-        if not self.keep:
-            return k, v
-        if self.keys[layer_index] is not None:
-            k = torch.cat([self.keys[layer_index], k], dim=2)
-            v = torch.cat([self.values[layer_index], v], dim=2)
-        self.keys[layer_index], self.values[layer_index] = k, v
-        return k, v
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
 @dataclass
