@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from .image import ImageError, ImageProcessorConfig, load_image, preprocess
-from .model import DEFAULT_REPO, CheckpointError, FastV, GenerationStats, LlavaConfig, load, resolve_folder
+from .model import (DEFAULT_REPO, CheckpointError, FastV, GenerationStats, LlavaConfig, default_dtype, load,
+                    resolve_folder)
 from .prompt import Tokenizer, encode_prompt, format_prompt
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea.png"
@@ -76,11 +77,7 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def prepare(args):

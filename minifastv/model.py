@@ -849,8 +849,11 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
 
 
 def default_dtype(device):
+    """bfloat16 on GPUs with native bf16 (compute capability 8.0+, Ampere on), float16 on older ones such
+    as Colab's T4 (torch.cuda.is_bf16_supported() says yes there too, but only through slow emulation),
+    float32 on the CPU."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
     return torch.float32
 
 

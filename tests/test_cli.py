@@ -167,9 +167,13 @@ def test_out_of_memory_gives_advice(checkpoint, monkeypatch, capsys):
     assert "ran out of memory" in err and "--dtype float16" in err and "Traceback" not in err
 
 
-def test_dtype_auto():
+def test_dtype_auto(monkeypatch):
+    """auto: float32 on the CPU; on a GPU, bfloat16 only with native support (compute capability 8+):
+    a T4 (7.5) gets float16, although torch.cuda.is_bf16_supported() answers yes there (emulation)."""
+    from types import SimpleNamespace
+
     assert cli_module.pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert cli_module.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    if torch.cuda.is_available():
-        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, major=major: SimpleNamespace(major=major))
         assert cli_module.pick_dtype("auto", torch.device("cuda")) == expected

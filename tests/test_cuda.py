@@ -33,7 +33,7 @@ DTYPES = [
     pytest.param(torch.float16, id="float16"),
     pytest.param(
         torch.bfloat16, id="bfloat16",
-        marks=pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        marks=pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)),
                                  reason="the GPU has no bfloat16"),
     ),
 ]
