@@ -1,0 +1,373 @@
+"""Where does the attention go? The FastV paper's Sec. 3 analysis, and which patches FastV keeps.
+
+    python -m minifastv.analyze --image photo.jpg --prompt "What is on the table?"
+
+1. Generate an answer, then run the decoder once over prompt + answer and, per layer, split the
+   answer tokens' attention over four classes of tokens: the allocation table, a stacked-bar chart,
+   and the full attention map of a few layers (log scale), one layer at a time.
+2. Prune with FastV (K, R) under several rules and dim the dropped patches over the image.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .__main__ import DEFAULT_IMAGE, UserError, pick_dtype, prepare
+from .image import ImageError, ImageProcessorConfig
+from .model import DEFAULT_REPO, CheckpointError, FastV, KVCache, LlavaConfig, causal_padding_mask, fastv_rule, load
+from .rules import grid_rule, no_rope_rule, random_rule
+
+# The paper's four token classes. llava-hf's template has no system prompt, so "system" is what comes
+# before the first image: <s> and "USER: ", 5 tokens (<s> ▁US ER : ▁); the paper's template also had
+# "A chat between a curious human and an artificial intelligence assistant..." there.
+CLASSES = ("system", "image", "instruction", "output")
+CLASS_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))  # blue, orange, green, red
+RULES = (fastv_rule, no_rope_rule, random_rule, grid_rule)
+FONT = ImageFont.load_default(size=14)
+HEATMAP_SIZE = 512  # pixels per heatmap: longer sequences are average-pooled down to this
+DIM = 0.3  # a pruned patch keeps 30% of its brightness
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Attention allocation: the answer tokens' attention rows only, one layer at a time.
+
+
+def token_classes(input_ids, image_token_id, num_output):
+    """The class of every token of prompt + answer: (T,) indices into CLASSES.
+
+    system: every token before the first image. image: every <image> token. instruction: the other
+    prompt tokens after the first image, "ASSISTANT:" included. output: the last num_output tokens.
+    """
+    ids = input_ids.reshape(-1).cpu()  # one sequence
+    is_image = ids == image_token_id
+    if not bool(is_image.any()):
+        raise ValueError("The attention analysis needs at least one image in the prompt.")
+    classes = torch.full_like(ids, CLASSES.index("instruction"))
+    classes[: int(is_image.nonzero()[0])] = CLASSES.index("system")
+    classes[is_image] = CLASSES.index("image")
+    classes[len(ids) - num_output :] = CLASSES.index("output")
+    return classes
+
+
+def output_attention_rows(queries, keys, num_output):
+    """Softmax rows of the last num_output queries over every key, per head: (B, H, n_out, T), float32.
+
+    Only these rows are computed, never the T x T matrix: output token p sees keys 0 .. p (causal).
+    """
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1).float()  # (B, H, T, D): GQA
+    scale = queries.shape[-1] ** -0.5
+    scores = (queries[:, :, -num_output:].float() @ keys.transpose(-1, -2)) * scale  # (B, H, n_out, T)
+    num_keys = keys.shape[2]
+    query_positions = torch.arange(num_keys - num_output, num_keys, device=keys.device)  # (n_out,)
+    future = torch.arange(num_keys, device=keys.device)[None, :] > query_positions[:, None]  # (n_out, T)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def mean_attention_matrix(queries, keys):
+    """One layer's full causal attention, mean over heads: (T, T) float32. For a heatmap, one head at a time."""
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    T = queries.shape[2]
+    future = torch.ones(T, T, dtype=torch.bool, device=keys.device).triu(1)
+    total = torch.zeros(T, T, device=keys.device)
+    for head in range(queries.shape[1]):
+        scores = queries[0, head].float() @ keys[0, head].float().T * queries.shape[-1] ** -0.5  # (T, T)
+        total += scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return total / queries.shape[1]
+
+
+@dataclass
+class AttentionAllocation:
+    allocation: torch.Tensor  # (L, 4): share of the output tokens' attention on each class; each row sums to 1
+    class_sizes: torch.Tensor  # (4,): how many tokens each class holds
+    heatmaps: dict  # {layer: PIL image of that layer's T x T attention}
+
+    @property
+    def efficiency(self):
+        return self.allocation / self.class_sizes  # (L, 4): attention per token of the class
+
+
+@torch.inference_mode()
+def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_layers=()):
+    """Run the decoder once over prompt + answer (1, T); per layer, keep only the four class shares.
+
+    The same steps as Llava.forward, without cache or FastV: embed, rotary angles, mask, layers.
+    """
+    classes = token_classes(input_ids, model.config.image_token_id, num_output).to(model.device)
+    one_hot = F.one_hot(classes, len(CLASSES)).float()  # (T, 4)
+    input_ids = input_ids.to(model.device)
+    x = model.embed(input_ids, pixel_values)  # (1, T, C)
+    positions = torch.arange(input_ids.shape[1], device=model.device)[None]  # (1, T): no padding
+    cos, sin = model.rope(positions, x.dtype)  # (1, 1, T, D)
+    mask = causal_padding_mask(torch.ones_like(input_ids), input_ids.shape[1])  # None: plain causal
+    shares, heatmaps = [], {}
+    for index, layer in enumerate(model.language_model.layers):
+        x, (queries, keys) = layer(x, cos, sin, mask)  # (1, H, T, D), (1, H_kv, T, D), after RoPE
+        rows = output_attention_rows(queries, keys, num_output)  # (1, H, n_out, T)
+        shares.append((rows @ one_hot).mean(dim=(0, 1, 2)).cpu())  # (4,): mean over heads and output tokens
+        if index in heatmap_layers:  # this layer's T x T lives only until its picture is drawn
+            heatmaps[index] = attention_heatmap(mean_attention_matrix(queries, keys).cpu(), classes.cpu())
+    return AttentionAllocation(torch.stack(shares), one_hot.sum(dim=0).cpu(), heatmaps)
+
+
+def allocation_table(result):
+    """One line per layer: the four allocations, then the four efficiencies (attention per token)."""
+    names = " ".join(f"{name:>11}" for name in CLASSES)
+    rows = [f"layer {names} | efficiency: {names}"]
+    for layer, (shares, per_token) in enumerate(zip(result.allocation.tolist(), result.efficiency.tolist())):
+        allocation = " ".join(f"{share:>11.4f}" for share in shares)
+        efficiency = " ".join(f"{value:>11.2e}" for value in per_token)
+        rows.append(f"{layer:>5} {allocation} | {'':>11} {efficiency}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures, with Pillow alone.
+
+
+def pil_image(rgb):
+    """(H, W, 3) uint8 tensor -> PIL RGB image."""
+    return Image.frombytes("RGB", (rgb.shape[1], rgb.shape[0]), bytes(rgb.contiguous().flatten().tolist()))
+
+
+def colormap(level):
+    """Levels in [0, 1] -> (..., 3) uint8 colors, dark purple to yellow (viridis, five anchors)."""
+    anchors = torch.tensor([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]).float()
+    position = level.clamp(0, 1) * (len(anchors) - 1)
+    low = position.floor().long().clamp(max=len(anchors) - 2)
+    fraction = (position - low)[..., None]
+    return (anchors[low] * (1 - fraction) + anchors[low + 1] * fraction).round().to(torch.uint8)
+
+
+def attention_heatmap(attention, classes, size=HEATMAP_SIZE):
+    """A (T, T) attention matrix as a picture: log10 from 1e-4 (dark) to 1 (yellow), future keys white.
+
+    Colored strips on the top and left edges show each token's class (the bar chart's colors).
+    """
+    visible = torch.ones_like(attention).tril()  # 1 where a query may look
+    if attention.shape[0] > size:  # average-pool a long sequence down to size x size
+        attention, visible = (F.adaptive_avg_pool2d(m[None, None], size)[0, 0] for m in (attention, visible))
+    rgb = colormap((attention.clamp(min=1e-4).log10() + 4) / 4)  # (t, t, 3)
+    rgb[visible == 0] = 255
+    strip = pil_image(torch.tensor(CLASS_COLORS, dtype=torch.uint8)[classes][None])  # (1, T) of class colors
+    panel = Image.new("RGB", (size + 8, size + 8), "white")
+    panel.paste(pil_image(rgb).resize((size, size), Image.NEAREST), (8, 8))
+    panel.paste(strip.resize((size, 6), Image.NEAREST), (8, 0))
+    panel.paste(strip.resize((size, 6), Image.NEAREST).transpose(Image.Transpose.ROTATE_270), (0, 8))
+    return panel
+
+
+def legend(draw, x, y, across=False):
+    """A colored square and the name of each class, in a column (or a row, across=True)."""
+    for name, color in zip(CLASSES, CLASS_COLORS):
+        draw.rectangle((x, y, x + 14, y + 14), fill=color)
+        draw.text((x + 20, y), name, fill="black", font=FONT)
+        x, y = (x + 40 + FONT.getlength(name), y) if across else (x, y + 22)
+
+
+def heatmaps_figure(heatmaps, columns=3):
+    """The heatmap panels of `heatmaps` ({layer: panel}) in a grid, titled, with a color scale and legend."""
+    side = max(panel.width for panel in heatmaps.values())
+    rows = -(-len(heatmaps) // columns)
+    width, height = 20 + min(columns, len(heatmaps)) * (side + 20), 40 + rows * (side + 30) + 90
+    figure = Image.new("RGB", (max(width, 560), height), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((20, 10), "Attention of each token (row) to earlier tokens (column), mean over heads", fill="black", font=FONT)
+    for number, (layer, panel) in enumerate(sorted(heatmaps.items())):
+        x, y = 20 + number % columns * (side + 20), 40 + number // columns * (side + 30)
+        draw.text((x, y), f"layer {layer}", fill="black", font=FONT)
+        figure.paste(panel, (x, y + 20))
+    scale_y = height - 80
+    figure.paste(pil_image(colormap(torch.linspace(0, 1, 200))[None].expand(16, -1, -1)), (20, scale_y))
+    for label, x in (("1e-4", 20), ("1e-2", 120), ("1", 220)):
+        draw.text((x, scale_y + 20), label, fill="black", font=FONT, anchor="mt")
+    draw.text((240, scale_y), "attention (log scale); white: future", fill="black", font=FONT)
+    legend(draw, 20, scale_y + 40, across=True)  # the class of each row and column, on the panels' edges
+    return figure
+
+
+def allocation_chart(allocation):
+    """Stacked bars, one per layer: how the output tokens' attention splits over the four classes."""
+    num_layers = allocation.shape[0]
+    step = max(10, min(28, 720 // num_layers))  # pixels per bar
+    left, top, plot_height = 70, 40, 300
+    plot_width = step * num_layers
+    title = "Where the output tokens' attention goes, per layer"
+    width = max(left + plot_width + 160, int(FONT.getlength(title)) + 20)  # room for the legend and the title
+    chart = Image.new("RGB", (width, top + plot_height + 60), "white")
+    draw = ImageDraw.Draw(chart)
+    draw.text((10, 10), title, fill="black", font=FONT)
+    bottom = top + plot_height
+    for tick in (0, 0.25, 0.5, 0.75, 1):
+        y = bottom - tick * plot_height
+        draw.line((left - 5, y, left, y), fill="black")
+        draw.text((left - 8, y), f"{tick:g}", fill="black", font=FONT, anchor="rm")
+    label_every = 1 if step >= 20 else 4
+    for layer, shares in enumerate(allocation.tolist()):
+        x, y = left + layer * step + 1, bottom
+        for share, color in zip(shares, CLASS_COLORS):
+            draw.rectangle((x, y - share * plot_height, x + step - 3, y), fill=color)
+            y -= share * plot_height
+        if layer % label_every == 0:
+            draw.text((x + step / 2 - 1, bottom + 5), str(layer), fill="black", font=FONT, anchor="mt")
+    draw.line((left, top, left, bottom, left + plot_width, bottom), fill="black")
+    draw.text((left + plot_width / 2, bottom + 28), "decoder layer", fill="black", font=FONT, anchor="mt")
+    y_label = Image.new("RGB", (170, 18), "white")
+    ImageDraw.Draw(y_label).text((0, 0), "share of attention", fill="black", font=FONT)
+    chart.paste(y_label.rotate(90, expand=True), (4, top + plot_height // 2 - 85))
+    legend(draw, left + plot_width + 20, top)
+    return chart
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Kept patches: which image tokens survive FastV's layer K, drawn over the image.
+
+
+def preprocessed_image(pixels, image_config):
+    """One (3, H, W) pixel_values image back to the PIL image the model saw: normalization undone."""
+    pixels = pixels.float().cpu()
+    if image_config.do_normalize:
+        mean, std = (torch.tensor(values).view(3, 1, 1) for values in (image_config.image_mean, image_config.image_std))
+        pixels = pixels * std + mean
+    if image_config.do_rescale:
+        pixels = pixels / image_config.rescale_factor
+    return pil_image(pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))  # (H, W, 3)
+
+
+@torch.inference_mode()
+def kept_image_tokens(model, input_ids, pixel_values, fastv):
+    """(N_kept,) indices into the prompt's image tokens that FastV keeps: a prefill that stores no keys."""
+    cache = KVCache(len(model.language_model.layers), keep=False)  # still records the pruning
+    model(input_ids, pixel_values, cache=cache, fastv=fastv, last_logits_only=True)
+    return cache.kept_image_tokens[0].cpu()
+
+
+def kept_patch_grids(kept, num_images, grid_size, tokens_per_image):
+    """(num_images, grid, grid) bool, True where the patch's token was kept; image i owns [i*n, (i+1)*n)."""
+    image, patch = kept // tokens_per_image, kept % tokens_per_image - (tokens_per_image - grid_size**2)
+    patch_tokens = patch >= 0  # with the "full" feature strategy, token 0 of each image is CLS: no patch
+    is_kept = torch.zeros(num_images * grid_size**2, dtype=torch.bool)
+    is_kept[image[patch_tokens] * grid_size**2 + patch[patch_tokens]] = True
+    return is_kept.view(num_images, grid_size, grid_size)  # row = patch // grid, column = patch % grid
+
+
+def kept_patches_panel(image, is_kept):
+    """The image with its patch grid drawn over it and the pruned patches dimmed to DIM brightness."""
+    grid_size = is_kept.shape[0]
+    patch = image.width // grid_size
+    pruned = Image.new("L", image.size, 0)  # 255 over the pruned patches
+    for row, column in (~is_kept).nonzero().tolist():
+        left, top = column * patch, row * patch
+        ImageDraw.Draw(pruned).rectangle((left, top, left + patch - 1, top + patch - 1), fill=255)
+    panel = Image.composite(image.point(lambda value: int(value * DIM)), image, pruned)
+    draw = ImageDraw.Draw(panel, "RGBA")  # RGBA: the grid lines are half transparent
+    for line in range(grid_size):  # each patch's top row and left column of pixels
+        draw.line((line * patch, 0, line * patch, image.height), fill=(255, 255, 255, 90))
+        draw.line((0, line * patch, image.width, line * patch), fill=(255, 255, 255, 90))
+    return panel
+
+
+def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES):
+    """One column per rule, one row per image: the patches FastV(k, r, rule) keeps, the pruned ones dimmed."""
+    grid_size, per_image = model.config.vision.grid_size, model.config.image_tokens_per_image
+    images = [preprocessed_image(pixels, image_config) for pixels in pixel_values]
+    side = images[0].width
+    columns = []
+    for rule in rules:
+        torch.manual_seed(0)  # random_rule draws from torch's global generator: the same picture every run
+        kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule))
+        grids = kept_patch_grids(kept, len(images), grid_size, per_image)
+        caption = f"{rule.__name__}\n{len(kept)}/{len(images) * per_image} kept"
+        columns.append((caption, [kept_patches_panel(image, grid) for image, grid in zip(images, grids)]))
+    title = f"FastV K={k}, R={r}: image tokens kept at layer {k} (pruned patches dimmed)"
+    width = max(10 + len(rules) * (side + 10), int(FONT.getlength(title)) + 20)
+    figure = Image.new("RGB", (width, 70 + len(images) * (side + 10)), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((10, 8), title, fill="black", font=FONT)
+    for number, (caption, panels) in enumerate(columns):
+        x = 10 + number * (side + 10)
+        draw.multiline_text((x, 30), caption, fill="black", font=FONT)
+        for row, panel in enumerate(panels):
+            figure.paste(panel, (x, 70 + row * (side + 10)))
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m minifastv.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_REPO, help="hub repo id or local llava-hf folder (default %(default)s)")
+    parser.add_argument("--image", nargs="+", default=[str(DEFAULT_IMAGE)], metavar="PATH",
+                        help="one or more images (default: the cat)")
+    parser.add_argument("--prompt", default="Describe this image.", help="the question (default: %(default)r)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer tokens to analyze (default 32)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    parser.add_argument("--k", type=int, default=2, help="FastV's layer K for the kept-patch pictures (default 2)")
+    parser.add_argument("--r", type=float, default=0.5, help="FastV's share of image tokens dropped, in [0, 1) (default 0.5)")
+    parser.add_argument("--heatmap-layers", default="0,1,2,15,31",
+                        help="layers whose full attention map to draw, clipped to the last layer (default %(default)s)")
+    parser.add_argument("--out", default="analysis", help="folder for the PNGs (default %(default)s/)")
+    parser.add_argument("--pad", action="store_true", help="pad each image to a square instead of center-cropping it")
+    parser.set_defaults(no_fastv=False)  # for prepare(): check --k against the model
+    return parser.parse_args(argv)
+
+
+def heatmap_layers(text, num_layers):
+    """The layers named by --heatmap-layers ("0,1,2,15,31"), each clipped to the model's last layer."""
+    try:
+        layers = [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        raise UserError(f"--heatmap-layers must be comma-separated layer numbers like 0,1,2,15,31, got {text!r}.") from None
+    if not layers or any(layer < 0 for layer in layers):
+        raise UserError(f"--heatmap-layers must be one or more layer numbers >= 0, got {text!r}.")
+    return {min(layer, num_layers - 1) for layer in layers}
+
+
+def main(argv=None, out=None):
+    out = out or sys.stdout
+    args = parse_args(argv)
+    device, folder, tokenizer, input_ids, pixel_values = prepare(args)  # the CLI's checks, before the load
+    layers = heatmap_layers(args.heatmap_layers, LlavaConfig.from_file(folder / "config.json").text.num_hidden_layers)
+    out_folder = Path(args.out)
+    if out_folder.exists() and not out_folder.is_dir():
+        raise UserError(f"--out {out_folder} is a file; give a folder for the PNGs.")
+    model = load(folder, device=device, dtype=pick_dtype(args.dtype, device))
+    answer = model.generate(input_ids, pixel_values, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out), greedy
+    print(f"answer: {tokenizer.decode(answer[0].tolist()).strip()}", file=out)
+    sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
+    result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers)
+    sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
+    print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
+    out_folder.mkdir(parents=True, exist_ok=True)
+    image_config = ImageProcessorConfig.from_folder(folder)
+    pictures = {"attention_allocation.png": allocation_chart(result.allocation),
+                "attention_heatmaps.png": heatmaps_figure(result.heatmaps),
+                "kept_patches.png": kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r)}
+    for name, picture in pictures.items():
+        picture.save(out_folder / name)
+        print(f"wrote {out_folder / name} ({picture.width} x {picture.height})", file=out)
+
+
+def cli(argv=None):
+    """main() with every expected failure turned into one sentence on stderr and exit code 2."""
+    try:
+        main(argv)
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory. Try --dtype float16, a smaller --max-new-tokens or fewer images.",
+              file=sys.stderr)
+        return 2
+    except (UserError, ImageError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,202 @@
+"""The attention analysis: the token classes, the allocation (checked against a closed form on a model whose
+attention is uniform), the kept-patch pictures pixel by pixel, and the command line end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import minifastv.model as M
+from minifastv import analyze
+from minifastv.__main__ import DEFAULT_IMAGE
+from minifastv.image import ImageProcessorConfig, center_crop, load_image, preprocess, resize_shortest_edge
+from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
+
+from conftest import IMAGE_TOKEN, REFERENCE, image_prompt, random_pixels
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS_PER_IMAGE = 36  # the tiny models: 84 px images, 14 px patches, a 6 x 6 grid
+NUM_OUTPUT = 5
+
+
+@pytest.fixture(scope="module")
+def model(hub_checkpoint):
+    return M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+
+
+def prompt_and_answer(num_images=1):
+    """A prompt with images, then NUM_OUTPUT random "answer" ids: (1, T)."""
+    answer = torch.randint(3, 31000, (1, NUM_OUTPUT), generator=torch.Generator().manual_seed(1))
+    return torch.cat([image_prompt(num_images, TOKENS_PER_IMAGE), answer], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token classes
+
+
+def class_counts(input_ids, image_token_id, num_output):
+    classes = analyze.token_classes(input_ids, image_token_id, num_output)
+    return [int((classes == index).sum()) for index in range(len(analyze.CLASSES))]
+
+
+@pytest.mark.parametrize("num_images, expected", [(1, [6, 36, 7, 5]), (2, [6, 72, 12, 5])])
+def test_class_split_of_a_built_prompt(num_images, expected):
+    # <s>, 5 text ids, then per image 36 <image> ids (5 more text ids before the second), then 7 text ids
+    assert class_counts(prompt_and_answer(num_images), IMAGE_TOKEN, NUM_OUTPUT) == expected
+
+
+@pytest.mark.parametrize("num_images, expected", [(1, [5, 576, 12, 3]), (2, [5, 1152, 14, 3])])
+def test_class_split_of_llava_hf_prompts(num_images, expected):
+    """With the real tokenizer: "system" is <s> ▁US ER : ▁ (llava-hf has no system prompt)."""
+    tokenizer = Tokenizer.from_folder(REFERENCE / "llava-1.5-7b-hf")
+    ids = encode_prompt(tokenizer, format_prompt("Describe this image.", num_images=num_images), 576)
+    ids = torch.cat([ids, torch.tensor([[450, 6635, 2]])], dim=1)  # an answer of three tokens
+    assert class_counts(ids, tokenizer.image_token_id, 3) == expected
+    classes = analyze.token_classes(ids, tokenizer.image_token_id, 3)
+    assert tokenizer.decode(ids[0, classes == 0].tolist()) == "USER: "
+    assert tokenizer.decode(ids[0, classes == 2].tolist()).endswith("Describe this image. ASSISTANT:")
+
+
+def test_a_prompt_without_an_image_is_refused():
+    with pytest.raises(ValueError, match="at least one image"):
+        analyze.token_classes(torch.tensor([[1, 5, 6, 7]]), IMAGE_TOKEN, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Allocation and efficiency
+
+
+def test_allocation_rows_sum_to_one(model):
+    ids = prompt_and_answer(2)
+    result = analyze.attention_allocation(model, ids, random_pixels(2), NUM_OUTPUT, heatmap_layers={0, 3})
+    assert result.allocation.shape == (4, 4) and (result.allocation > 0).all()
+    torch.testing.assert_close(result.allocation.sum(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+    assert result.class_sizes.tolist() == [6, 72, 12, 5]
+    torch.testing.assert_close(result.efficiency, result.allocation / result.class_sizes)
+    assert sorted(result.heatmaps) == [0, 3]
+    assert result.heatmaps[0].size == (analyze.HEATMAP_SIZE + 8, analyze.HEATMAP_SIZE + 8)
+
+
+def test_output_rows_are_the_last_rows_of_the_full_matrix(model):
+    torch.manual_seed(0)
+    queries, keys = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16)  # two query heads per key head
+    rows = analyze.output_attention_rows(queries, keys, 6)  # (1, 4, 6, 30)
+    torch.testing.assert_close(rows.mean(dim=1)[0], analyze.mean_attention_matrix(queries, keys)[-6:])
+    assert (rows[0, :, 0, -5:] == 0).all()  # the first output token cannot see the five after it
+
+
+def test_uniform_attention_matches_the_closed_form(hub_checkpoint):
+    """With every query zero, all scores are 0: output token p attends 1/(p+1) to each of tokens 0..p."""
+    uniform = M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    for layer in uniform.language_model.layers:
+        layer.self_attn.q_proj.weight.zero_()
+    ids = prompt_and_answer(1)
+    result = analyze.attention_allocation(uniform, ids, random_pixels(1), NUM_OUTPUT)
+
+    classes = analyze.token_classes(ids, IMAGE_TOKEN, NUM_OUTPUT)
+    T = ids.shape[1]
+    expected = torch.zeros(4, dtype=torch.float64)
+    for p in range(T - NUM_OUTPUT, T):  # mean over output tokens of |class ∩ [0..p]| / (p + 1)
+        expected += torch.bincount(classes[: p + 1], minlength=4).double() / (p + 1) / NUM_OUTPUT
+    sizes = torch.bincount(classes, minlength=4).double()
+    for layer in range(4):
+        torch.testing.assert_close(result.allocation[layer].double(), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.efficiency[layer].double(), expected / sizes, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def test_preprocessed_image_undoes_the_normalization():
+    config = ImageProcessorConfig()
+    pixels = preprocess(DEFAULT_IMAGE, config)[0]
+    model_view = center_crop(resize_shortest_edge(load_image(DEFAULT_IMAGE), 336, config.resample), 336, 336)
+    assert analyze.preprocessed_image(pixels, config).tobytes() == model_view.tobytes()
+
+
+def brightness(image, box):
+    return sum(image.crop(box).convert("L").tobytes()) / ((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def test_pruned_patches_are_dimmed_and_kept_ones_untouched(model):
+    config = ImageProcessorConfig(shortest_edge=84, crop_height=84, crop_width=84)  # the tiny model's image size
+    pixels = preprocess(DEFAULT_IMAGE, config)
+    ids = prompt_and_answer(1)[:, :-NUM_OUTPUT]
+    kept = analyze.kept_image_tokens(model, ids, pixels, M.FastV(2, 0.5))
+    grid = analyze.kept_patch_grids(kept, 1, 6, TOKENS_PER_IMAGE)[0]  # (6, 6)
+    assert int(grid.sum()) == 18
+    plain = analyze.preprocessed_image(pixels[0], config)
+    panel = analyze.kept_patches_panel(plain, grid)
+    assert panel.size == plain.size == (84, 84)
+    for row in range(6):
+        for column in range(6):
+            inside = (column * 14 + 1, row * 14 + 1, column * 14 + 14, row * 14 + 14)  # away from the grid lines
+            if grid[row, column]:
+                assert panel.crop(inside).tobytes() == plain.crop(inside).tobytes()
+            else:
+                assert brightness(panel, inside) < 0.35 * brightness(plain, inside) + 1
+
+    figure = analyze.kept_patches_figure(model, ids, pixels, config, 2, 0.5)
+    assert figure.height == 70 + 84 + 10 and figure.width >= 4 * 94  # a column per rule, under a title
+    assert figure.crop((10, 70, 94, 154)).tobytes() == panel.tobytes()  # fastv_rule's panel comes first
+
+
+def test_allocation_chart_stacks_the_classes():
+    chart = analyze.allocation_chart(torch.full((32, 4), 0.25))
+    assert chart.size == (70 + 32 * 22 + 160, 400)  # 22 px per bar
+    bottom = 40 + 300  # the plot is 300 px high, from y = 40
+    for index, color in enumerate(analyze.CLASS_COLORS):  # system at the bottom, output on top
+        assert chart.getpixel((80, bottom - 75 * index - 37)) == color
+
+
+def test_heatmap_is_causal_and_at_most_512_px():
+    attention = torch.ones(600, 600).tril()
+    attention /= attention.sum(dim=1, keepdim=True)
+    classes = torch.tensor([0] * 5 + [1] * 576 + [2] * 10 + [3] * 9)
+    panel = analyze.attention_heatmap(attention, classes)
+    assert panel.size == (520, 520)
+    assert panel.getpixel((510, 20)) == (255, 255, 255)  # the future: white
+    assert panel.getpixel((20, 510)) != (255, 255, 255)
+    assert panel.getpixel((300, 2)) == analyze.CLASS_COLORS[1]  # the class strip over the columns
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_analyze(*args):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "minifastv.analyze", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=environment, timeout=120)
+
+
+def test_cli_end_to_end(cli_checkpoint, tmp_path):
+    out = tmp_path / "pictures"
+    result = run_analyze("--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("layer"))
+    assert all(name in lines[header] for name in analyze.CLASSES) and "efficiency" in lines[header]
+    for layer in range(4):
+        shares = [float(word) for word in lines[header + 1 + layer].split("|")[0].split()[1:]]
+        assert lines[header + 1 + layer].split()[0] == str(layer) and abs(sum(shares) - 1) < 2e-4
+    sizes = {"attention_allocation.png": None, "attention_heatmaps.png": None, "kept_patches.png": None}
+    for name in sizes:
+        assert f"wrote {out / name}" in result.stdout
+        sizes[name] = Image.open(out / name).size
+    assert sizes["kept_patches.png"][1] == 70 + 84 + 10
+    assert sizes["attention_allocation.png"][1] == 400
+
+
+@pytest.mark.parametrize("args, words", [(["--r", "1.5"], ["--r", "[0, 1)"]),
+                                         (["--heatmap-layers", "first"], ["--heatmap-layers"])])
+def test_cli_bad_input_is_one_sentence(cli_checkpoint, args, words):
+    result = run_analyze("--model", str(cli_checkpoint), "--device", "cpu", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and all(word in message[0] for word in words), result.stderr
