@@ -14,12 +14,11 @@ import argparse
 import dataclasses
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from .flops import exact_prefill_flops
-from .model import (FastV, GenerationStats, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, fastv_rule,
+from .model import (FastV, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, fastv_rule,
                     last_token_attention, load, resolve_folder, synchronize)
 
 
@@ -119,42 +118,46 @@ def transformers_twin(model, folder=None):
 
 @torch.inference_mode()
 def compare_with_transformers(model, twin, ids, pixels, repeats, new_tokens=16):
-    """Median prefill seconds, decode tokens/s and peak GPU bytes of minifastv and of transformers."""
+    """Median prefill seconds, decode tokens/s and peak GPU bytes of minifastv and of transformers.
+
+    Both are timed the same way: the prefill as one forward pass, the decode as the time of a greedy
+    generate() of `new_tokens` tokens minus that of a generate() of one token, over new_tokens - 1 steps.
+    """
     device = model.device
+    pixels = pixels.to(device, model.dtype)
+    runs = {
+        "transformers": {
+            "prefill": lambda: twin(input_ids=ids.to(device), pixel_values=pixels, logits_to_keep=1),
+            "generate": lambda n: twin.generate(input_ids=ids.to(device), pixel_values=pixels, max_new_tokens=n,
+                                                min_new_tokens=n, do_sample=False),
+        },
+        "minifastv": {
+            "prefill": lambda: model(ids, pixels, cache=KVCache(len(model.language_model.layers)), last_logits_only=True),
+            "generate": lambda n: model.generate(ids, pixels, max_new_tokens=n, eos_token_id=-1),
+        },
+    }
 
-    def peak_memory(run):
-        if device.type != "cuda":
-            run()
-            return None
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        return torch.cuda.max_memory_allocated(device)
+    def timed(function):
+        synchronize(device)
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        return time.perf_counter() - started
 
-    results = {"transformers": {"prefill": [], "decode": []}, "minifastv": {"prefill": [], "decode": []}}
+    results = {name: {"prefill": [], "decode": [], "memory": None} for name in runs}
     for round_number in range(repeats + 1):  # round 0 warms up; the two take turns
-        synchronize(device)
-        started = time.perf_counter()
-        twin(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype), logits_to_keep=1)
-        synchronize(device)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        memory = peak_memory(lambda: twin.generate(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype),
-                                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False))
-        synchronize(device)
-        decode_rate = (new_tokens - 1) / max(time.perf_counter() - started - prefill, 1e-9)
-        if round_number:
-            results["transformers"]["prefill"].append(prefill)
-            results["transformers"]["decode"].append(decode_rate)
-            results["transformers"]["memory"] = memory
-
-        stats = GenerationStats()
-        memory = peak_memory(lambda: model.generate(ids, pixels, max_new_tokens=new_tokens, eos_token_id=-1, stats=stats))
-        if round_number:
-            results["minifastv"]["prefill"].append(stats.prefill_seconds)
-            results["minifastv"]["decode"].append(stats.decode_tokens_per_second)
-            results["minifastv"]["memory"] = memory
+        for name, run in runs.items():
+            prefill = timed(run["prefill"])
+            one, many = timed(lambda: run["generate"](1)), timed(lambda: run["generate"](new_tokens))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                run["generate"](new_tokens)
+                results[name]["memory"] = torch.cuda.max_memory_allocated(device)
+            if round_number:
+                results[name]["prefill"].append(prefill)
+                results[name]["decode"].append((new_tokens - 1) / max(many - one, 1e-9))
     return {name: {"prefill": statistics.median(r["prefill"]), "decode": statistics.median(r["decode"]),
-                   "memory": r.get("memory")} for name, r in results.items()}
+                   "memory": r["memory"]} for name, r in results.items()}
 
 
 def main(argv=None):
