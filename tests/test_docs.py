@@ -120,21 +120,38 @@ def test_readme_python_example_runs(hub_checkpoint, capsys):
     assert "[[" in capsys.readouterr().out  # it printed the generated ids
 
 
-def test_readme_module_commands_run(cli_checkpoint, capsys):
-    """Each `python -m minifastv...` command in README runs as written, on a tiny model with a tokenizer
-    in place of the 7B download, and on a small random model for the benchmark."""
+def doc_commands(path):
+    return [command for block in fenced_blocks(path, "bash", "sh", "shell") for command in commands(block)]
+
+
+@pytest.mark.parametrize("path", ["README.md", "tutorial.md"])
+def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
+    """Each `python -m minifastv...` command in the docs runs as written, with a tiny model with a tokenizer
+    in place of the 7B download (and the shipped photo in place of the reader's), a small random model for
+    the benchmark. Later flags win in argparse: only the model, the sizes and the files change."""
     import importlib
 
+    from minifastv.__main__ import DEFAULT_IMAGE
+
+    tiny = ["--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4"]
     small = {
-        "minifastv": ["--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4"],
+        "minifastv": tiny,
+        "minifastv.analyze": tiny + ["--image", str(DEFAULT_IMAGE), "--out", str(tmp_path / "analysis")],
         "minifastv.bench": ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"],
+        "minifastv.flops": [],
     }
-    module_commands = [shlex.split(c) for c in readme_commands() if c.startswith("python -m minifastv")]
-    assert {words[2] for words in module_commands} == set(small), "README.md should show the CLI and the bench"
+    monkeypatch.chdir(ROOT)  # paths in the docs are relative to the repository
+    module_commands = [shlex.split(c, comments=True) for c in doc_commands(path) if c.startswith("python -m minifastv")]
+    assert module_commands and all(words[2] in small for words in module_commands), module_commands
     for words in module_commands:
         module = importlib.import_module(words[2] + (".__main__" if words[2] == "minifastv" else ""))
-        module.main(words[3:] + small[words[2]])  # later flags win: only the model and sizes change
+        module.main(words[3:] + small[words[2]])
         assert capsys.readouterr().out
+
+
+def test_readme_shows_the_cli_and_the_bench():
+    shown = {shlex.split(c)[2] for c in doc_commands("README.md") if c.startswith("python -m")}
+    assert {"minifastv", "minifastv.bench"} <= shown
 
 
 def test_readme_colab_commands_fit_together():
