@@ -1,0 +1,100 @@
+"""Check exercise 4 (homework/agreement.py): python -m pytest homework/check_4_agreement.py
+
+`agreement` on lists whose answer is known by hand, then the whole script on a tiny checkpoint and a
+folder of three generated images.
+"""
+
+import pytest
+from PIL import Image
+
+import minifastv.model as M
+from minifastv.image import ImageProcessorConfig, preprocess
+from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
+
+from checking import exercise, load_starter, tiny_checkpoint  # noqa: F401  (tiny_checkpoint: a pytest fixture)
+
+agreement = exercise("agreement.py", "agreement")
+
+
+def assert_metrics(metrics, exact_match, token_f1):
+    assert set(metrics) >= {"exact_match", "token_f1"}, f"agreement returned the keys {sorted(metrics)}"
+    assert metrics["exact_match"] == pytest.approx(exact_match), f"exact_match: expected {exact_match}, got {metrics['exact_match']}"
+    assert metrics["token_f1"] == pytest.approx(token_f1), f"token_f1: expected {token_f1}, got {metrics['token_f1']}"
+
+
+def test_identical_answers_agree_fully():
+    answers = ["A cat on a red chair.", "Two dogs.", "yes", ""]
+    assert_metrics(agreement(answers, list(answers)), 1.0, 1.0)
+
+
+def test_answers_without_a_common_word_do_not_agree():
+    assert_metrics(agreement(["a cat", "red", "one two three"], ["the dog", "blue", "four"]), 0.0, 0.0)
+
+
+def test_hand_made_case():
+    plain = ["a cat on a mat", "a dog", "yes", "a a b"]
+    pruned = ["a cat on the mat", "a dog", "no", "a c a"]
+    # F1 per pair: 4 words shared of 5 and 5 -> 0.8; 1.0; 0.0; 2 shared of 3 and 3 -> 2/3
+    assert_metrics(agreement(plain, pruned), 1 / 4, (0.8 + 1.0 + 0.0 + 2 / 3) / 4)
+
+
+def test_uneven_lengths_count():
+    # "the cat" vs "the black cat": 2 shared, precision 2/3 (pruned), recall 2/2 (plain) -> F1 0.8
+    assert_metrics(agreement(["the cat"], ["the black cat"]), 0.0, 0.8)
+    assert_metrics(agreement(["the black cat"], ["the cat"]), 0.0, 0.8)
+
+
+def test_case_and_punctuation_count():
+    # "Cat," and "cat" are different words: only "a" is shared of 2 and 2 -> F1 0.5
+    assert_metrics(agreement(["a Cat,"], ["a cat"]), 0.0, 0.5)
+
+
+def test_empty_answers():
+    assert_metrics(agreement(["", "a b"], ["", "a c"]), 0.5, (1.0 + 0.5) / 2)  # two empty answers agree
+    assert_metrics(agreement([""], ["something"]), 0.0, 0.0)
+
+
+def test_bad_lists_are_refused():
+    with pytest.raises(ValueError):
+        agreement(["a", "b"], ["a"])
+    with pytest.raises(ValueError):
+        agreement([], [])
+
+
+def write_images(folder):
+    folder.mkdir()
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(folder / "red.png")
+    Image.radial_gradient("L").convert("RGB").save(folder / "gradient.jpg")
+    Image.effect_noise((100, 100), 60).convert("RGB").save(folder / "noise.png")
+    (folder / "notes.txt").write_text("not an image: the script skips it")
+    return sorted(["red.png", "gradient.jpg", "noise.png"])
+
+
+def answers(checkpoint, images, prompt, fastv, max_new_tokens):
+    """The answers the script should find, computed here from the library calls."""
+    model = M.load(checkpoint, device="cpu", progress=False)
+    tokenizer = Tokenizer.from_folder(checkpoint)
+    ids = encode_prompt(tokenizer, format_prompt(prompt), model.config.image_tokens_per_image)
+    found = []
+    for image in images:
+        pixels = preprocess([image], ImageProcessorConfig.from_folder(checkpoint))
+        found.append(tokenizer.decode(model.generate(ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv)[0].tolist()).strip())
+    return found
+
+
+def test_script_runs_on_a_folder(tiny_checkpoint, tmp_path, capsys):
+    agreement(["a probe"], ["a probe"])  # an unfilled starter skips here, before the slow part
+    script = load_starter("agreement.py")  # main() is what `python homework/agreement.py ...` runs
+    script.agreement = agreement  # the function under test (yours, or the one MINIFASTV_HOMEWORK_FROM names)
+    names = write_images(tmp_path / "images")
+    metrics = script.main(["--model", str(tiny_checkpoint), "--images", str(tmp_path / "images"), "--prompt", "What is this?",
+                           "--k", "2", "--r", "0.75", "--max-new-tokens", "5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for name in names:
+        assert f"{name}: " in out
+    assert "notes.txt" not in out
+    images = [tmp_path / "images" / name for name in names]
+    plain = answers(tiny_checkpoint, images, "What is this?", None, 5)
+    pruned = answers(tiny_checkpoint, images, "What is this?", M.FastV(2, 0.75), 5)
+    assert metrics == agreement(plain, pruned)
+    assert f"exact_match: {metrics['exact_match']:.3f}" in out and f"token_f1: {metrics['token_f1']:.3f}" in out

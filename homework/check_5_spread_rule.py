@@ -1,0 +1,91 @@
+"""Check exercise 5 (homework/spread_rule.py): python -m pytest homework/check_5_spread_rule.py
+
+No reference implementation here: the checks test the properties that define the rule, on FastV's scores
+(the last token's attention, mean over heads, the image columns), for several R, image counts and batches.
+"""
+
+import pytest
+import torch
+
+import minifastv.model as M
+
+from checking import exercise, tiny  # noqa: F401  (tiny: a pytest fixture)
+
+row_balanced_rule = exercise("spread_rule.py", "row_balanced_rule")
+
+CASES = [  # (r, images per prompt, batch size): 6 x 6 grids, so 6 rows per image
+    (0.5, 1, 1),  # 18 kept: 3 per row
+    (0.75, 1, 1),  # 9 kept: 1 per row, 3 extra
+    (0.9, 1, 2),  # 4 kept: fewer than the rows, all extra
+    (0.5, 2, 2),  # 36 kept over 12 rows: 3 per row
+    (0.6, 2, 1),  # 29 kept over 12 rows: 2 per row, 5 extra
+]
+
+
+def run(tiny, num_images, batch_size, r):
+    """(the rule's choice, FastV's scores (B, N), num_keep), with the rule run inside FastV."""
+    ids, mask, pixels = tiny.case(num_images, batch_size)
+    captured = {}
+
+    def spy(inputs):
+        captured["scores"] = inputs.last_token_attention.mean(dim=1).gather(1, inputs.image_positions)
+        captured["num_keep"] = inputs.num_keep
+        return row_balanced_rule(inputs)
+
+    cache = M.KVCache(len(tiny.ours.language_model.layers))
+    with torch.no_grad():
+        tiny.ours(ids, pixels, mask, cache=cache, fastv=M.FastV(2, r, rule=spy))
+    return cache.kept_image_tokens, captured["scores"], captured["num_keep"]
+
+
+def kept_grid(kept, num_image_tokens, grid_size):
+    """(B, rows, grid_size) booleans: which patches were kept, row by row."""
+    grid = torch.zeros(kept.shape[0], num_image_tokens, dtype=torch.bool)
+    grid.scatter_(1, kept, True)
+    return grid.view(kept.shape[0], -1, grid_size)
+
+
+@pytest.mark.parametrize("r, num_images, batch_size", CASES)
+def test_every_row_keeps_its_share(tiny, r, num_images, batch_size):
+    kept, scores, num_keep = run(tiny, num_images, batch_size, r)
+    grid = kept_grid(kept, scores.shape[1], tiny.grid_size)
+    per_row = num_keep // grid.shape[1]
+    counts = grid.sum(dim=-1)  # (B, rows)
+    assert kept.shape == (batch_size, num_keep)
+    assert bool((counts >= per_row).all()), f"rows keep {counts.tolist()} patches; each should keep at least {per_row}"
+
+
+@pytest.mark.parametrize("r, num_images, batch_size", CASES)
+def test_each_row_keeps_its_best_patches(tiny, r, num_images, batch_size):
+    kept, scores, _ = run(tiny, num_images, batch_size, r)
+    grid = kept_grid(kept, scores.shape[1], tiny.grid_size)
+    by_row = scores.view(grid.shape)
+    worst_kept = by_row.masked_fill(~grid, float("inf")).min(dim=-1).values  # (B, rows)
+    best_dropped = by_row.masked_fill(grid, float("-inf")).max(dim=-1).values
+    assert bool((worst_kept >= best_dropped).all()), "a row kept a patch and dropped a better one of the same row"
+
+
+@pytest.mark.parametrize("r, num_images, batch_size", CASES)
+def test_extra_patches_are_the_best_of_the_rest(tiny, r, num_images, batch_size):
+    kept, scores, num_keep = run(tiny, num_images, batch_size, r)
+    grid = kept_grid(kept, scores.shape[1], tiny.grid_size)
+    by_row = scores.view(grid.shape)
+    per_row = num_keep // grid.shape[1]
+    # Each row's per_row best are guaranteed; the others kept are the extras.
+    rank_in_row = by_row.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the row's best
+    extra = grid & (rank_in_row >= per_row)
+    assert int(extra.sum()) == kept.numel() - per_row * grid.shape[0] * grid.shape[1]
+    for prompt in range(batch_size):
+        if extra[prompt].any() and not grid[prompt].all():
+            worst_extra, best_dropped = by_row[prompt][extra[prompt]].min(), by_row[prompt][~grid[prompt]].max()
+            assert worst_extra >= best_dropped, "an extra patch was kept while a better one (beyond its row's share) was dropped"
+
+
+def test_spreads_more_than_fastv(tiny):
+    """FastV alone leaves some row with fewer than its share (the tiny model's last token has favourites)."""
+    kept, scores, num_keep = run(tiny, 1, 1, 0.5)
+    fastv = scores.topk(num_keep, dim=-1).indices
+    rows = tiny.tokens_per_image // tiny.grid_size
+    fastv_counts = kept_grid(fastv, scores.shape[1], tiny.grid_size).sum(-1)
+    assert int(fastv_counts.min()) < num_keep // rows  # the premise of the exercise holds on this model
+    assert kept_grid(kept, scores.shape[1], tiny.grid_size).sum(-1).tolist() == [[num_keep // rows] * rows]

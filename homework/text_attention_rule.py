@@ -1,0 +1,40 @@
+"""Exercise 1: rank the image tokens by the attention ALL the text tokens pay them, as the FastV paper words it.
+
+FastV's code, and minifastv's `fastv_rule`, rank the image tokens by the attention of the LAST prompt token
+alone. The paper's text speaks of the average attention a token receives. Write that version: every text
+token of the prompt votes, not only the last one.
+
+Use it:    FastV(k=2, r=0.5, rule=all_text_tokens_rule)
+Check it:  python -m pytest homework/check_1_text_attention.py
+"""
+
+import torch
+
+from minifastv.model import PruningInputs
+
+
+def all_text_tokens_rule(inputs: PruningInputs):
+    """Keep the `inputs.num_keep` image tokens that the text tokens attended to most in layer K-1.
+
+    Returns (B, num_keep) indices into the image tokens (0 .. N-1), in any order, like `fastv_rule`.
+
+    What you get (PruningInputs in minifastv/model.py):
+      inputs.queries  (B, H, T, D)     layer K-1's queries, RoPE already applied
+      inputs.keys     (B, H_kv, T, D)  layer K-1's keys, RoPE already applied
+      inputs.image_positions (B, N)    where the image tokens sit in the sequence
+      inputs.attention_mask  (B, T)    1 for real tokens, 0 for left padding
+
+    The steps:
+      1. Layer K-1's full attention scores, per head: queries @ keys^T * D ** -0.5, (B, H, T, T), in float32.
+         LLaVA-1.5 has H_kv == H; for a model with fewer key heads, repeat them first as
+         `last_token_attention` in model.py does.
+      2. Before the softmax, hide what a query may not see: later keys (causal) and padding keys.
+      3. Softmax over the keys: one probability row per query.
+      4. The text tokens are the real tokens that are not image tokens. Average their rows, and the
+         heads: how much attention each key received from the text, (B, T).
+      5. Read the image columns (`gather` with image_positions) and keep the top num_keep.
+
+    Beware: a padding query sees no key at all, and a softmax over nothing but -inf gives NaN. It is not a
+    text token, so leave its row out of the average (0 * NaN is still NaN).
+    """
+    raise NotImplementedError("fill in all_text_tokens_rule() in homework/text_attention_rule.py first (exercise 1)")
