@@ -171,10 +171,10 @@ def main(argv=None, out=None):
         print("\n".join(stats_lines(stats)), file=out)
 
 
-def cli(argv=None):
-    """main() with every expected failure turned into one sentence on stderr and exit code 2."""
+def report_errors(main_function, argv=None):
+    """Run a command's main(); every expected failure becomes one sentence on stderr and exit code 2."""
     try:
-        main(argv)
+        main_function(argv)
     except torch.cuda.OutOfMemoryError:
         print("error: the GPU ran out of memory. Try --dtype float16, a smaller --max-new-tokens, fewer images, "
               "or the 7B model instead of 13B.", file=sys.stderr)
@@ -183,6 +183,10 @@ def cli(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli(argv=None):
+    return report_errors(main, argv)
 
 
 if __name__ == "__main__":

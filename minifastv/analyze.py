@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .__main__ import DEFAULT_IMAGE, UserError, pick_dtype, prepare
-from .image import ImageError, ImageProcessorConfig
-from .model import DEFAULT_REPO, CheckpointError, FastV, KVCache, LlavaConfig, causal_padding_mask, fastv_rule, load
+from .__main__ import DEFAULT_IMAGE, UserError, pick_dtype, prepare, report_errors
+from .image import ImageProcessorConfig
+from .model import DEFAULT_REPO, FastV, KVCache, LlavaConfig, causal_padding_mask, fastv_rule, load
 from .rules import grid_rule, no_rope_rule, random_rule
 
 # The paper's four token classes. llava-hf's template has no system prompt, so "system" is what comes
@@ -356,17 +356,7 @@ def main(argv=None, out=None):
 
 
 def cli(argv=None):
-    """main() with every expected failure turned into one sentence on stderr and exit code 2."""
-    try:
-        main(argv)
-    except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory. Try --dtype float16, a smaller --max-new-tokens or fewer images.",
-              file=sys.stderr)
-        return 2
-    except (UserError, ImageError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(main, argv)
 
 
 if __name__ == "__main__":
