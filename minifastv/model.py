@@ -873,8 +873,9 @@ def resolve_folder(path_or_repo_id):
         if (target / "config.json").exists() and any(target.glob("*.safetensors")):
             print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", file=sys.stderr, flush=True)
             return target
+        reason = " ".join(str(error).split())  # the hub's messages span lines; ours is one sentence
         raise ConnectionError(
             f"There is no folder {path_or_repo_id}, and it could not be downloaded from the Hugging Face hub "
-            f"({type(error).__name__}: {error}). Check the network and the repo id, or pass a local model folder."
+            f"({type(error).__name__}: {reason}). Check the network and the repo id, or pass a local model folder."
         ) from error
     return target

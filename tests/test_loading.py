@@ -330,3 +330,20 @@ def test_loaded_parameters(hub_checkpoint, dtype):
 def test_default_dtype_on_cpu(hub_checkpoint):
     model = load(str(hub_checkpoint), device="cpu", progress=False)
     assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_hub_failure_is_one_line_even_when_the_hub_says_more(tmp_path, monkeypatch):
+    """huggingface-hub's errors span several lines; the user still gets one sentence on one line."""
+    import huggingface_hub
+
+    import minifastv.model as model_module
+
+    def unreachable(**kwargs):
+        raise OSError("Got: ConnectError: Name or service not known\nAn error happened.\n  Please check your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(model_module, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ConnectionError) as error:
+        load("someone/some-model", device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and "someone/some-model" in message and "Please check your connection" in message
