@@ -366,7 +366,6 @@ class KVCache:
         self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
         self.keep_indices = None  # (B, T_kept): the prompt positions that survived layer K
         self.kept_image_tokens = None  # (B, num_keep): which image tokens survived (patch = index % 576)
-        self.num_image_tokens = 0
 
     def extend_mask(self, new_mask):
         past = self.attention_mask
@@ -377,9 +376,9 @@ class KVCache:
         self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
         return self.pruned_attention_mask
 
-    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens, num_image_tokens):
+    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens):
         self.pruned_at, self.pruned_attention_mask = layer, kept_mask
-        self.keep_indices, self.kept_image_tokens, self.num_image_tokens = keep_indices, kept_image_tokens, num_image_tokens
+        self.keep_indices, self.kept_image_tokens = keep_indices, kept_image_tokens
 
     def update(self, layer_index, k, v):
         if not self.keep:
@@ -591,7 +590,7 @@ class Llava(nn.Module):
                 cos, sin = self.rope(positions, x.dtype)
                 kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
                 mask = causal_padding_mask(kept_mask, keep_indices.shape[1])
-                cache.record_pruning(fastv.k, kept_mask, keep_indices, keep_image.sort(dim=-1).values, num_image_tokens)
+                cache.record_pruning(fastv.k, kept_mask, keep_indices, keep_image.sort(dim=-1).values)
                 # ==================================================================================
             x, (queries, keys) = layer(x, cos, sin, mask, cache, index)
 
