@@ -170,7 +170,9 @@ def main(argv=None):
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (default 12)")
     parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model (default 1024)")
-    parser.add_argument("--no-transformers", action="store_true", help="skip the comparison with transformers")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the comparison with transformers, which holds a second copy of the weights "
+                             "(loaded through host memory): needed where two copies do not fit, e.g. the 7B on a T4")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
