@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find minifastv in this repository
 
 from minifastv.image import ImageProcessorConfig, load_image, preprocess  # noqa: E402
-from minifastv.model import DEFAULT_REPO, FastV, load, resolve_folder  # noqa: E402
+from minifastv.checkpoint import DEFAULT_REPO, load, resolve_folder  # noqa: E402
+from minifastv.model import FastV  # noqa: E402
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

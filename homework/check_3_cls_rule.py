@@ -8,6 +8,7 @@ top num_keep.
 import pytest
 import torch
 
+import minifastv
 import minifastv.model as M
 
 from checking import exercise, tiny  # noqa: F401  (tiny: a pytest fixture)
@@ -67,7 +68,7 @@ def test_choice_does_not_depend_on_k_or_the_prompt(tiny):
 def test_generates_end_to_end(tiny):
     ids, mask, pixels = tiny.case(2, 2)
     fastv = M.FastV(2, 0.5, rule=make_cls_rule(tiny.ours, pixels))
-    stats = M.GenerationStats()
+    stats = minifastv.GenerationStats()
     tokens = tiny.ours.generate(ids, pixels, mask, max_new_tokens=4, fastv=fastv, stats=stats, eos_token_id=-1)
     assert tokens.shape == (2, 4)
     assert torch.equal(stats.kept_image_tokens, reference_kept(tiny, pixels, 2, 0.5))

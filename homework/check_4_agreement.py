@@ -7,6 +7,7 @@ folder of three generated images.
 import pytest
 from PIL import Image
 
+import minifastv
 import minifastv.model as M
 from minifastv.image import ImageProcessorConfig, preprocess
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
@@ -72,7 +73,7 @@ def write_images(folder):
 
 def answers(checkpoint, images, prompt, fastv, max_new_tokens):
     """The answers the script should find, computed here from the library calls."""
-    model = M.load(checkpoint, device="cpu", progress=False)
+    model = minifastv.load(checkpoint, device="cpu", progress=False)
     tokenizer = Tokenizer.from_folder(checkpoint)
     ids = encode_prompt(tokenizer, format_prompt(prompt), model.config.image_tokens_per_image)
     found = []

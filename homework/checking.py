@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import minifastv.model as M  # found through pytest.ini's pythonpath: the repository root, and tests/
+import minifastv  # found through pytest.ini's pythonpath: the repository root, and tests/
+import minifastv.model as M
 
 HOMEWORK = Path(__file__).resolve().parent
 TESTS = HOMEWORK.parent / "tests"
@@ -83,7 +84,7 @@ def tiny(tmp_path_factory):
         hf = test_helpers.tiny_hf_model(seed=0)
         hf.set_attn_implementation("eager")
         folder = test_helpers.save_hub_style(hf, tmp_path_factory.mktemp("tiny-llava"))
-        ours = M.load(folder, device="cpu", dtype=torch.float32, progress=False)
+        ours = minifastv.load(folder, device="cpu", dtype=torch.float32, progress=False)
 
         def case(num_images=1, batch_size=1, pad=True, seed=0):
             prompts = [test_helpers.image_prompt(num_images, TOKENS_PER_IMAGE, text_before=4 + 3 * row * pad,

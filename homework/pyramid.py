@@ -10,7 +10,7 @@ Check it:  python -m pytest homework/check_2_pyramid.py
 
 import torch
 
-from minifastv.model import fastv_rule, last_token_attention  # noqa: F401  (you will want them)
+from minifastv.model import attention_rows, fastv_rule  # noqa: F401  (you will want them)
 
 
 @torch.no_grad()
@@ -33,8 +33,8 @@ def pyramid_forward(model, input_ids, pixel_values, schedule):
       - for index, layer in enumerate(model.language_model.layers):
             (prune here when index is the k of a stage)
             x, (queries, keys) = layer(x, cos, sin, None)
-      - last_token_attention(queries, keys, key_mask) scores with the queries and keys of the layer just run
-        (key_mask: all ones, nothing is padded)
+      - attention_rows(queries, keys, key_mask)[:, :, -1] is the last token's attention row, (B, H, T), from the
+        queries and keys of the layer just run (key_mask: all ones, nothing is padded)
       - track which of the remaining tokens are image tokens: gather that mask as you gather x and positions
       - at the end: model.lm_head(model.language_model.norm(x))[:, -1]
 

@@ -10,7 +10,7 @@ Check it:  python -m pytest homework/check_1_text_attention.py
 
 import torch
 
-from minifastv.model import PruningInputs
+from minifastv.model import PruningInputs, attention_rows  # noqa: F401  (you will want it)
 
 
 def all_text_tokens_rule(inputs: PruningInputs):
@@ -25,16 +25,14 @@ def all_text_tokens_rule(inputs: PruningInputs):
       inputs.attention_mask  (B, T)    1 for real tokens, 0 for left padding
 
     The steps:
-      1. Layer K-1's full attention scores, per head: queries @ keys^T * D ** -0.5, (B, H, T, T), in float32.
-         LLaVA-1.5 has H_kv == H; for a model with fewer key heads, repeat them first as
-         `last_token_attention` in model.py does.
-      2. Before the softmax, hide what a query may not see: later keys (causal) and padding keys.
-      3. Softmax over the keys: one probability row per query.
-      4. The text tokens are the real tokens that are not image tokens. Average their rows, and the
+      1. Layer K-1's attention weights, every row of them: `attention_rows` in model.py (FastV takes the last
+         row from it) gives them with num_rows=T, (B, H, T, T), float32, causal and padding masks applied.
+         Read it first: it is ten lines.
+      2. The text tokens are the real tokens that are not image tokens. Average their rows, and the
          heads: how much attention each key received from the text, (B, T).
-      5. Read the image columns (`gather` with image_positions) and keep the top num_keep.
+      3. Read the image columns (`gather` with image_positions) and keep the top num_keep.
 
-    Beware: a padding query sees no key at all, and a softmax over nothing but -inf gives NaN. It is not a
-    text token, so leave its row out of the average (0 * NaN is still NaN).
+    Beware: a padding query has no real key to look at, so attention_rows lets it see only itself. It is
+    not a text token: leave its row out of the average.
     """
     raise NotImplementedError("fill in all_text_tokens_rule() in homework/text_attention_rule.py first (exercise 1)")

@@ -1,6 +1,16 @@
-"""minifastv: LLaVA-1.5 and FastV in one readable file, minifastv/model.py."""
+"""minifastv: LLaVA-1.5 and FastV in one readable file, minifastv/model.py.
 
-from .model import (CheckpointError, FastV, GenerationStats, KVCache, Llava, LlavaConfig, PruningInputs, fastv_rule,
-                    load)
+    import minifastv
+    model = minifastv.load("llava-hf/llava-1.5-7b-hf")  # checkpoint.py: read, check, stream to the GPU
+    tokens = model.generate(input_ids, pixel_values, fastv=minifastv.FastV(k=2, r=0.5))  # generation.py
+"""
+
+from .checkpoint import load
+from .errors import CheckpointError, ImageError, MinifastvError, SettingsError, UsageError
+from .generation import GenerationStats, Sampling
+from .model import FastV, KVCache, Llava, LlavaConfig, PruningInputs, attention_rows, fastv_rule
 
 __version__ = "0.1.0"
+# Where the project lives. README.md's Colab badge and clone command, and tutorial.ipynb's REPO_URL, repeat
+# it (tests/test_docs.py checks that they agree); "OWNER" marks it as the placeholder it still is.
+REPOSITORY_URL = "https://github.com/OWNER/minifastv"

@@ -15,7 +15,6 @@ Choices where a real file can surprise:
   32-bit integer (I) and float (F) images have no fixed range: like transformers we clip them to 0..255.
 """
 
-import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-
-class ImageError(ValueError):
-    """An image we cannot use (missing, unreadable, too many pixels, empty); the message names the file."""
+from .checkpoint import read_json
+from .errors import CheckpointError, ImageError
 
 
 @dataclass
@@ -46,12 +44,23 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_file(cls, path):
-        """Read a preprocessor_config.json, keeping only the keys this class knows."""
-        values = json.loads(Path(path).read_text())
-        values.update(values.pop("size", {}))  # {"shortest_edge": 336}
-        values.update({f"crop_{key}": value for key, value in values.pop("crop_size", {}).items()})
+        """Read a preprocessor_config.json, keeping only the keys this class knows; CheckpointError if it is broken."""
+        values = read_json(path)
+        try:
+            values.update(values.pop("size", {}))  # {"shortest_edge": 336}
+            values.update({f"crop_{key}": value for key, value in values.pop("crop_size", {}).items()})
+        except (AttributeError, TypeError, ValueError):
+            raise CheckpointError(f"{path} does not describe an image processor: size and crop_size must be objects.") from None
         names = {f.name for f in fields(cls)}
-        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items() if key in names})
+        config = cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items() if key in names})
+        sizes = (config.shortest_edge, config.crop_height, config.crop_width)
+        statistics = (*config.image_mean, *config.image_std, config.rescale_factor)
+        if (not all(isinstance(size, int) and size > 0 for size in sizes) or len(config.image_mean) != 3
+                or len(config.image_std) != 3 or not all(isinstance(value, (int, float)) for value in statistics)
+                or 0 in config.image_std):
+            raise CheckpointError(f"{path} does not describe an image processor: sizes must be positive integers, "
+                                  "image_mean and image_std three numbers each.")
+        return config
 
     @classmethod
     def from_folder(cls, folder):

@@ -1,24 +1,23 @@
-"""LLaVA-1.5 in one file: CLIP vision tower, projector, Llama decoder, and FastV at layer K.
+"""LLaVA-1.5 in one file: CLIP vision tower, projector, Llama decoder, KV cache, and FastV at layer K.
 
-Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks, the LLaVA model
-that joins them (with the FastV step inline in its decoder loop), loading llava-hf safetensors, and
-generation with a KV cache. Shapes are tagged in comments: B batch, T tokens, S cached keys, H heads,
-D head size, C channels.
+Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks and the projector,
+the KV cache, FastV's settings and rule, and the LLaVA model that joins them, with the FastV step inline
+in its decoder loop. Beside it: generation.py (the prefill/decode loop, sampling, statistics) and
+checkpoint.py (reading llava-hf checkpoints). Shapes are tagged in comments: B batch, T tokens, S cached
+keys, H heads, D head size, C channels, N image tokens.
 """
 
-import json
-import os
-import sys
-import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError, SettingsError
+from .generation import GenerationMixin
+
 # ----------------------------------------------------------------------------------------------------
-# Configuration: three dataclasses filled from a llava-hf config.json.
+# Configuration: three dataclasses filled from a llava-hf config.json, and the real models by name.
 # The hub's config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
 
 
@@ -32,7 +31,7 @@ def _refuse_unsupported(values, **supported):
     """Raise when the config asks for a variant this file does not implement (e.g. biased attention)."""
     for key, expected in supported.items():
         if values.get(key, expected) != expected:
-            raise ValueError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
+            raise CheckpointError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
 
 
 @dataclass
@@ -49,8 +48,7 @@ class TextConfig:
     max_position_embeddings: int = 2048  # the context (Llama's default; llava-hf sets 4096)
     rms_norm_eps: float = 1e-6  # Llama's default; llava-hf's config.json sets 1e-5
     rope_theta: float = 10000.0  # base of the rotary frequencies
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int = 2  # generation stops at this token
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -61,9 +59,9 @@ class TextConfig:
         values = dict(values)
         rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"minifastv supports only plain RoPE, but the config asks for {rope}.")
+            raise CheckpointError(f"minifastv supports only plain RoPE, but the config asks for {rope}.")
         values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False)
+        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
         return _known_fields(cls, values)
 
 
@@ -108,23 +106,38 @@ class LlavaConfig:
 
     @classmethod
     def from_dict(cls, values):
+        """A config from config.json's values (checkpoint.read_config also checks their types and ranges)."""
         values = dict(values)
         values.setdefault("image_token_id", values.get("image_token_index", cls.image_token_id))
-        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True)
-        _refuse_unsupported(values.get("text_config", {}), tie_word_embeddings=False)
-        _refuse_unsupported(values, tie_word_embeddings=False)
+        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
         if not isinstance(values.get("vision_feature_layer", -2), int):
-            raise ValueError("minifastv supports one vision_feature_layer, not a list of layers.")
+            raise CheckpointError("minifastv supports one vision_feature_layer, not a list of layers.")
         if values.get("vision_feature_select_strategy", "default") not in ("default", "full"):
-            raise ValueError("vision_feature_select_strategy must be 'default' or 'full'.")
+            raise CheckpointError("vision_feature_select_strategy must be 'default' or 'full'.")
         config = _known_fields(cls, {**values, "text": None, "vision": None})
         config.text = TextConfig.from_dict(values.get("text_config", {}))
         config.vision = VisionConfig.from_dict(values.get("vision_config", {}))
         return config
 
     @classmethod
-    def from_file(cls, path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def from_name(cls, name):
+        """A real model's config by name, e.g. LlavaConfig.from_name("llava-1.5-7b"): no download needed."""
+        if name not in PRESETS:
+            raise CheckpointError(f"There is no built-in config {name!r}: choose one of {', '.join(PRESETS)}.")
+        return cls.from_dict(PRESETS[name])
+
+
+# The real models, as llava-hf's config.json files describe them (a test compares them with the files).
+CLIP_VIT_L_14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         image_size=336, patch_size=14)
+PRESETS = {
+    "llava-1.5-7b": dict(vision_config=CLIP_VIT_L_14_336, text_config=dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "llava-1.5-13b": dict(vision_config=CLIP_VIT_L_14_336, text_config=dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,16 +248,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def causal_padding_mask(key_mask, num_queries):
-    """Boolean (B, 1, T, S) mask, True where a query may attend to a key; None when plain causal will do.
+def visible_keys(key_mask, num_queries):
+    """Boolean (B, 1, T, S): True where each of the last T queries may attend to a key.
 
     `key_mask` (B, S) marks real tokens (1) and left padding (0) of every key, cached ones included;
-    the T queries are the last T of those keys. Pure causal attention is left to SDPA's `is_causal`,
-    which lets it pick its fastest kernel.
+    the T queries are the last T of those keys. A query sees the earlier real tokens and itself.
     """
     num_keys = key_mask.shape[1]
-    if bool(key_mask.all()) and num_queries in (1, num_keys):
-        return None
     key_index = torch.arange(num_keys, device=key_mask.device)
     query_index = key_index[num_keys - num_queries :]
     causal = key_index[None, :] <= query_index[:, None]  # (T, S)
@@ -252,6 +262,16 @@ def causal_padding_mask(key_mask, num_queries):
     # A padding query sees only itself: a row with no key at all gives NaN in some SDPA kernels, and a
     # NaN value would leak into real tokens (0 x NaN = NaN) even though they never attend to padding.
     return (causal[None, None] & key_mask.bool()[:, None, None, :]) | itself[None, None]  # (B, 1, T, S)
+
+
+def causal_padding_mask(key_mask, num_queries):
+    """The attention mask for SDPA: visible_keys, or None when plain causal attention will do.
+
+    None lets SDPA use `is_causal`, which picks its fastest kernel; that is the case without padding.
+    """
+    if bool(key_mask.all()) and num_queries in (1, key_mask.shape[1]):
+        return None
+    return visible_keys(key_mask, num_queries)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,15 +377,13 @@ class KVCache:
     cache keeps two masks: one over all tokens (positions, layers < K), one over the kept tokens.
     """
 
-    def __init__(self, num_layers, keep=True):
-        self.keep = keep  # False: a forward pass without generation; track masks, store no keys
+    def __init__(self, num_layers):
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
         self.pruned_at = None  # FastV's K once the prompt was pruned
         self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
-        self.keep_indices = None  # (B, T_kept): the prompt positions that survived layer K
-        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived (patch = index % 576)
+        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived, sorted (patch = index % 576)
 
     def extend_mask(self, new_mask):
         past = self.attention_mask
@@ -376,13 +394,10 @@ class KVCache:
         self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
         return self.pruned_attention_mask
 
-    def record_pruning(self, layer, kept_mask, keep_indices, kept_image_tokens):
-        self.pruned_at, self.pruned_attention_mask = layer, kept_mask
-        self.keep_indices, self.kept_image_tokens = keep_indices, kept_image_tokens
+    def record_pruning(self, layer, kept_mask, kept_image_tokens):
+        self.pruned_at, self.pruned_attention_mask, self.kept_image_tokens = layer, kept_mask, kept_image_tokens
 
     def update(self, layer_index, k, v):
-        if not self.keep:
-            return k, v
         if self.keys[layer_index] is not None:
             k = torch.cat([self.keys[layer_index], k], dim=2)
             v = torch.cat([self.values[layer_index], v], dim=2)
@@ -396,6 +411,19 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------
 # FastV: its settings, what a pruning rule gets to see, and FastV's own rule. The pruning step itself
 # sits inline in Llava.forward, where the decoder loop reaches layer K.
+
+
+def attention_rows(queries, keys, key_mask, num_rows=1):
+    """Softmax attention of the last `num_rows` queries over every key, per head: (B, H, num_rows, S), float32.
+
+    The attention weights SDPA computes inside and never returns, for just the rows we need: FastV reads
+    one (the last token's), the analysis the answer tokens'. Causal and padding masks as in the model.
+    """
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, S, D): GQA shares keys
+    scale = queries.shape[-1] ** -0.5
+    scores = (queries[:, :, -num_rows:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, num_rows, S)
+    scores = scores.masked_fill(~visible_keys(key_mask, num_rows), float("-inf"))  # never the future or padding
+    return scores.softmax(dim=-1)
 
 
 @dataclass
@@ -442,40 +470,29 @@ class FastV:
     rule: object = fastv_rule  # a function PruningInputs -> (B, num_keep) indices: the homework knob
 
     def __post_init__(self):
-        if not 0 <= self.r < 1:
-            raise ValueError(f"FastV's r is the share of image tokens to drop and must be in [0, 1), got {self.r}.")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"FastV's k is the first pruned layer and must be an integer >= 1, got {self.k}.")
-
-
-def last_token_attention(queries, keys, key_mask):
-    """Softmax attention row of the LAST query over all keys, per head: (B, H, T), float32.
-
-    Only this one row is needed, so attention itself stays fused (SDPA) and no T x T matrix exists.
-    """
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, T, D)
-    scale = queries.shape[-1] ** -0.5
-    scores = (queries[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, 1, T)
-    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))  # never pick padding
-    return scores.softmax(dim=-1)[:, :, 0]  # (B, H, T)
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0 <= self.r < 1:
+            raise SettingsError(f"FastV's r is the share of image tokens to drop and must be in [0, 1), got {self.r}.")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise SettingsError(f"FastV's k is the first pruned layer and must be an integer >= 1, got {self.k}.")
 
 
 def check_kept(keep, batch_size, num_image_tokens, num_keep):
     """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not."""
     if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
         shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-        raise ValueError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of indices, got {shape}.")
+        raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of indices, got {shape}.")
     ordered = keep.sort(dim=-1).values
     if keep.numel() and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_image_tokens or (ordered.diff(dim=-1) == 0).any()):
-        raise ValueError(f"The pruning rule must return distinct image-token indices in [0, {num_image_tokens}).")
+        raise SettingsError(f"The pruning rule must return distinct image-token indices in [0, {num_image_tokens}).")
     return keep.long()
 
 
 # ----------------------------------------------------------------------------------------------------
-# LLaVA: image features replace the <image> placeholders, then the decoder runs.
+# LLaVA: image features replace the <image> placeholders, then the decoder runs. generate() and stream()
+# come from GenerationMixin (generation.py): the prefill once, then one token at a time.
 
 
-class Llava(nn.Module):
+class Llava(GenerationMixin, nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
@@ -488,12 +505,14 @@ class Llava(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     def init_rope(self):
-        device = self.lm_head.weight.device
-        self.rope_cos, self.rope_sin = rope_tables(self.config.text, device)
+        self.rope_cos, self.rope_sin = rope_tables(self.config.text, self.device)
 
     def rope(self, positions, dtype):
         """cos and sin (B, 1, T, D) for token positions (B, T): rows of the float32 tables, cast."""
         return self.rope_cos[positions].to(dtype)[:, None], self.rope_sin[positions].to(dtype)[:, None]
+
+    def new_cache(self):
+        return KVCache(len(self.language_model.layers))
 
     @property
     def device(self):
@@ -544,9 +563,8 @@ class Llava(nn.Module):
         if new_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(new_mask.shape)} but input_ids has {tuple(input_ids.shape)}.")
         if fastv is not None and not fastv.k < len(self.language_model.layers):
-            raise ValueError(f"FastV's k must be between 1 and {len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
-        cache = cache if cache is not None else KVCache(len(self.language_model.layers), keep=False)
-        key_mask = cache.extend_mask(new_mask)  # (B, S): every token so far, for positions and layers < K
+            raise SettingsError(f"FastV's k must be between 1 and {len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
+        key_mask = new_mask if cache is None else cache.extend_mask(new_mask)  # (B, S): every token so far
         if key_mask.shape[1] > self.config.text.max_position_embeddings:
             raise ValueError(
                 f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
@@ -560,12 +578,12 @@ class Llava(nn.Module):
         is_image = input_ids == self.config.image_token_id  # (B, T)
         prune_now = fastv is not None and bool(is_image.any())
         if prune_now and key_mask.shape[1] != T:
-            raise ValueError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
+            raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
         if prune_now and bool((is_image.sum(dim=1) != is_image[0].sum()).any()):
-            raise ValueError(f"FastV needs the same number of image tokens in every prompt of a batch, got {is_image.sum(dim=1).tolist()}.")
+            raise SettingsError(f"FastV needs the same number of image tokens in every prompt of a batch, got {is_image.sum(dim=1).tolist()}.")
 
         for index, layer in enumerate(self.language_model.layers):
-            if index == cache.pruned_at:  # decoding after FastV: these layers cached only the kept tokens
+            if cache is not None and index == cache.pruned_at:  # decoding after FastV: fewer tokens cached here
                 mask = causal_padding_mask(cache.extend_pruned_mask(new_mask), T)
             if prune_now and index == fastv.k:
                 # ===================================== FastV =====================================
@@ -575,7 +593,7 @@ class Llava(nn.Module):
                 num_image_tokens = image_positions.shape[1]
                 num_keep = round(num_image_tokens * (1 - fastv.r))
                 inputs = PruningInputs(
-                    last_token_attention=last_token_attention(queries, keys, key_mask),
+                    last_token_attention=attention_rows(queries, keys, key_mask)[:, :, -1],  # (B, H, T)
                     image_positions=image_positions, num_keep=num_keep, grid_size=self.config.vision.grid_size,
                     tokens_per_image=self.config.image_tokens_per_image, hidden_states=x,
                     queries=queries, keys=keys, cos=cos, sin=sin, attention_mask=key_mask,
@@ -590,291 +608,11 @@ class Llava(nn.Module):
                 cos, sin = self.rope(positions, x.dtype)
                 kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
                 mask = causal_padding_mask(kept_mask, keep_indices.shape[1])
-                cache.record_pruning(fastv.k, kept_mask, keep_indices, keep_image.sort(dim=-1).values)
+                if cache is not None:  # generation: later tokens attend to the kept tokens only
+                    cache.record_pruning(fastv.k, kept_mask, keep_image.sort(dim=-1).values)
                 # ==================================================================================
             x, (queries, keys) = layer(x, cos, sin, mask, cache, index)
 
         if last_logits_only:
             x = x[:, -1:]
         return self.lm_head(self.language_model.norm(x))  # (B, T or T_kept, vocab)
-
-    # ------------------------------------------------------------------------------------------------
-    # Generation: prefill the prompt once (FastV prunes here), then one token at a time against the cache.
-
-    @torch.inference_mode()
-    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
-               top_p=1.0, eos_token_id=None, generator=None, fastv=None, stats=None):
-        """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
-
-        Greedy when temperature is 0; otherwise sampled from softmax(logits / temperature), keeping
-        the smallest set of tokens whose probability reaches top_p. Finished sequences yield pad ids.
-        FastV prunes once, at prefill: the cache of layers >= K holds only the kept tokens, and every
-        generated token attends to those. Pass a GenerationStats as `stats` to have it filled in.
-        """
-        eos_token_id = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
-        context = self.config.text.max_position_embeddings
-        if input_ids.shape[1] + max_new_tokens > context:
-            raise ValueError(
-                f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for {max_new_tokens} more, "
-                f"but the model's context is {context} tokens."
-            )
-        cache = KVCache(len(self.language_model.layers))
-        started = time.perf_counter()
-        logits = self(input_ids, pixel_values, attention_mask, cache=cache, fastv=fastv, last_logits_only=True)
-        next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
-        synchronize(self.device)
-        if stats is not None:
-            stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            next_token = next_token.masked_fill(finished, self.config.pad_token_id)
-            yield next_token
-            finished |= next_token == eos_token_id
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            started = time.perf_counter()  # timed per step: what the caller does between tokens is not ours
-            logits = self(next_token[:, None], cache=cache, last_logits_only=True)
-            next_token = pick_token(logits[:, -1].float(), temperature, top_p, generator)
-            if stats is not None:
-                synchronize(self.device)
-                stats.decode_tokens += 1
-                stats.decode_seconds += time.perf_counter() - started
-        if stats is not None:
-            stats.kv_cache_bytes = cache.nbytes()
-
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **options):
-        """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, stats=, sampling)."""
-        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **options))
-        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
-
-
-def pick_token(logits, temperature, top_p, generator):
-    """Greedy (temperature 0) or nucleus sampling over (B, vocab) float32 logits."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the first token always stays
-    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes itself
-    return order.gather(-1, choice)[:, 0]
-
-
-@dataclass
-class GenerationStats:
-    """What a generate() run measured; pass one as `stats=` and read it afterwards."""
-
-    prompt_tokens: int = 0  # per prompt, padding included
-    image_tokens: int = 0  # per prompt, all images together
-    image_tokens_kept: int = 0
-    k: int | None = None  # FastV's settings, None without FastV
-    r: float | None = None
-    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of kept image tokens, patch = index % 576
-    kv_cache_bytes: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
-    decode_seconds: float = 0.0
-    flops: dict | None = None  # prefill FLOPs with and without FastV: see minifastv.flops
-
-    @property
-    def decode_tokens_per_second(self):
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-    def record_prefill(self, config, input_ids, cache, fastv, seconds):
-        from .flops import prefill_flops_report  # FLOPs are arithmetic on the config, kept out of the model
-
-        self.prompt_tokens = input_ids.shape[1]
-        self.image_tokens = int((input_ids[0] == config.image_token_id).sum())
-        self.image_tokens_kept = self.image_tokens
-        if cache.pruned_at is not None:
-            self.k, self.r = fastv.k, fastv.r
-            self.image_tokens_kept = cache.kept_image_tokens.shape[1]
-            self.kept_image_tokens = cache.kept_image_tokens.cpu()
-        self.prefill_seconds = seconds
-        self.flops = prefill_flops_report(config, self.prompt_tokens, self.image_tokens, fastv if cache.pruned_at else None,
-                                          batch_size=input_ids.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading llava-hf safetensors: build on the meta device, stream each tensor onto the target device.
-
-DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
-WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
-             "processor_config.json", "chat_template.json"]
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not fit the model: a missing, unexpected or misshapen tensor, or no safetensors."""
-
-
-def model_name(checkpoint_name):
-    """This file's parameter name for a tensor name from any of the three llava-hf naming schemes.
-
-    hub:                    language_model.model.layers.0...,  vision_tower.vision_model.encoder.layers.0...
-    transformers 5 save:    language_model.model.layers.0...,  vision_tower.encoder.layers.0...
-    transformers internal:  model.language_model.layers.0...,  model.vision_tower.encoder.layers.0..., lm_head
-    this file:              language_model.layers.0...,        vision_tower.layers.0...,              lm_head
-    """
-    name = checkpoint_name.removeprefix("model.")
-    for old, new in (("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.encoder.", "vision_tower.")):
-        if name.startswith(old):
-            name = new + name.removeprefix(old)
-    return name
-
-
-def hub_name(name):
-    """The inverse of model_name for the hub scheme: the name a llava-hf download uses."""
-    for ours, hub in (("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                      ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
-                      ("vision_tower.", "vision_tower.vision_model.")):
-        if name.startswith(ours):
-            return hub + name.removeprefix(ours)
-    return name
-
-
-def expected_tensors(config: LlavaConfig):
-    """{hub tensor name: shape} that a checkpoint for `config` must hold; builds nothing but meta tensors."""
-    with torch.device("meta"):
-        model = Llava(config)
-    return {hub_name(name): tuple(p.shape) for name, p in model.state_dict().items()}
-
-
-def safetensors_files(folder):
-    """The checkpoint's .safetensors files, from the shard index when there is one."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = f" It has {', '.join(pickles)}: pickle files can run code, so minifastv never loads them." if pickles else ""
-        raise CheckpointError(f"No .safetensors weights in {folder}.{hint}")
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"The shard index names {file.name}, which is not in {folder}.")
-    return files
-
-
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-def read_safetensors(file, accept):
-    """Yield (name, tensor on CPU) for each tensor of a .safetensors file, one at a time, in file order.
-
-    The format is simple: 8 bytes giving the header's length, a JSON header
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw bytes. `accept(name, shape)`
-    checks each entry before its bytes are read. Reading each tensor into its own buffer (rather than
-    mapping the whole file, as the safetensors library does) keeps host memory at one tensor.
-    """
-    with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            if not accept(name, tuple(entry["shape"])):
-                continue
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"Tensor {name} in {file.name} is {entry['dtype']}; minifastv reads F16, BF16 and F32.")
-            begin, end = entry["data_offsets"]
-            f.seek(8 + header_size + begin)
-            buffer = bytearray(end - begin)
-            f.readinto(buffer)
-            yield name, torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-            del buffer  # let it go before the next one is read: host memory holds one tensor at a time
-
-
-def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
-    """A ready-to-run Llava from a local llava-hf folder or a hub repo id (downloaded into weights/).
-
-    device: default "cuda" when available, else "cpu". dtype: default bfloat16 on GPUs that support
-    it, float16 on other GPUs (the T4), float32 on the CPU. Tensors go one by one from the file to
-    the device in the target dtype, so host memory never holds the checkpoint (a Colab has 12.7 GB of
-    RAM for a 14 GB checkpoint).
-    """
-    folder = resolve_folder(path_or_repo_id)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"No config.json in {folder}: a llava-hf model folder holds config.json and *.safetensors.")
-    config = LlavaConfig.from_file(config_file)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(device)
-
-    with torch.device("meta"):  # no memory yet: every parameter is a shape only
-        model = Llava(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    state = {}
-
-    def accept(checkpoint_name, shape):
-        """Check a tensor's name and shape against the model before its bytes are read."""
-        if checkpoint_name.endswith(("rotary_emb.inv_freq", "position_ids")):
-            return False  # buffers some exporters save; they carry no weights
-        name = model_name(checkpoint_name)
-        if name not in expected:
-            raise CheckpointError(f"Unexpected tensor {checkpoint_name} in the checkpoint: the model has no such weight.")
-        if shape != expected[name]:
-            raise CheckpointError(f"Tensor {checkpoint_name} has shape {shape} in the checkpoint, but the model expects {expected[name]}.")
-        if name in state:
-            raise CheckpointError(f"Tensor {checkpoint_name} appears twice in the checkpoint.")
-        return True
-
-    files = safetensors_files(folder)
-    from tqdm.auto import tqdm  # the progress bar huggingface-hub uses for downloads
-
-    bar = tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, desc="loading",
-               disable=not progress, file=sys.stderr)
-    for file in files:
-        bar.set_postfix_str(file.name)
-        for checkpoint_name, tensor in read_safetensors(file, accept):
-            state[model_name(checkpoint_name)] = tensor.to(device=device, dtype=dtype)
-            bar.update(tensor.numel() * tensor.element_size())
-            del tensor  # on a GPU, the host copy is garbage now
-    bar.close()
-    missing = [hub_name(name) for name in expected if name not in state]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"The checkpoint lacks tensor {', '.join(missing[:3])}{more}.")
-    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
-    model.init_rope()
-    return model.eval().requires_grad_(False)
-
-
-def default_dtype(device):
-    """bfloat16 on GPUs with native bf16 (compute capability 8.0+, Ampere on), float16 on older ones such
-    as Colab's T4 (torch.cuda.is_bf16_supported() says yes there too, but only through slow emulation),
-    float32 on the CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
-    return torch.float32
-
-
-def resolve_folder(path_or_repo_id):
-    """A local folder as is; a hub repo id downloaded (once) into weights/<owner>--<name>."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        return path
-    if path.exists() or str(path_or_repo_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo_id} is neither a model folder nor a hub repo id like {DEFAULT_REPO}.")
-    from huggingface_hub import snapshot_download
-
-    target = WEIGHTS_DIR / str(path_or_repo_id).replace("/", "--")
-    try:
-        snapshot_download(repo_id=str(path_or_repo_id), local_dir=target, allow_patterns=HUB_FILES)
-    except Exception as error:  # the hub's errors vary by version and network; all mean the same to a user
-        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-            print(f"Could not reach the hub ({type(error).__name__}); using the copy in {target}.", file=sys.stderr, flush=True)
-            return target
-        reason = " ".join(str(error).split())  # the hub's messages span lines; ours is one sentence
-        raise ConnectionError(
-            f"There is no folder {path_or_repo_id}, and it could not be downloaded from the Hugging Face hub "
-            f"({type(error).__name__}: {reason}). Check the network and the repo id, or pass a local model folder."
-        ) from error
-    return target

@@ -9,6 +9,8 @@ from pathlib import Path
 import tokenizers
 import torch
 
+from .errors import CheckpointError
+
 IMAGE_PLACEHOLDER = "<image>"  # one per image in the prompt text; encode_prompt expands it to one id per feature
 
 
@@ -56,8 +58,14 @@ class Tokenizer:
     def from_folder(cls, folder):
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"No tokenizer.json in {folder}: it comes with the checkpoint, beside config.json.")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+            raise CheckpointError(f"No tokenizer.json in {folder}: it comes with the checkpoint, beside config.json.")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # the Rust library raises a bare Exception for any file it cannot parse
+            reason = " ".join(str(error).split())
+            raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can read ({reason}): "
+                                  "the file is damaged; download it again.") from None
+        return cls(backend)
 
     def encode(self, text, add_bos=True):
         return self.backend.encode(text, add_special_tokens=add_bos).ids  # the file's post-processor adds <s>

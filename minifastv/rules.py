@@ -6,7 +6,7 @@ Write your own the same way: score the N image tokens, keep the top num_keep.
 
 import torch
 
-from .model import PruningInputs, last_token_attention
+from .model import PruningInputs, attention_rows
 
 
 def random_rule(inputs: PruningInputs):
@@ -40,6 +40,6 @@ def no_rope_rule(inputs: PruningInputs):
     FEATHER (arXiv 2412.13180) shows that RoPE makes the last token favour the image tokens closest
     to it, i.e. the bottom of the image; scoring without RoPE removes that bias.
     """
-    attention = last_token_attention(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)
+    attention = attention_rows(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)[:, :, -1]
     image_attention = attention.mean(dim=1).gather(1, inputs.image_positions)  # (B, N)
     return image_attention.topk(inputs.num_keep, dim=-1).indices

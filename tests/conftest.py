@@ -103,8 +103,8 @@ def left_pad(prompts, pad_id=PAD_TOKEN):
 
 def write_cli_checkpoint(folder, image_size=84):
     """A complete tiny model folder, as a hub download looks: config + safetensors, the tokenizer files of a
-    small Llama-style tokenizer (tests/tokenizer_factory.py), and a preprocessor config for its image size."""
-    from tokenizer_factory import write_small_llama_tokenizer
+    small Llama-style tokenizer (minifastv/tiny.py), and a preprocessor config for its image size."""
+    from minifastv.tiny import write_small_llama_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     ids = write_small_llama_tokenizer(folder / "tok")

@@ -37,7 +37,8 @@ def write_checkpoint(folder, seed=0):
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from minifastv.model import LlavaConfig, expected_tensors
+    from minifastv.checkpoint import expected_tensors
+    from minifastv.model import LlavaConfig
 
     values = real_7b_config()
     values["text_config"].update(SHRINK_TEXT)
@@ -71,7 +72,7 @@ CHILD = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 import minifastv
-from minifastv.model import LlavaConfig, expected_tensors
+from minifastv.checkpoint import expected_tensors, read_config
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -79,7 +80,7 @@ def status(field):
             return int(line.split()[1]) * 1024  # reported in kB
 
 started = status("VmRSS")
-expected_tensors(LlavaConfig.from_file({folder!r} + "/config.json"))
+expected_tensors(read_config({folder!r}))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status("VmRSS")

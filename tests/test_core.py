@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from conftest import IMAGE_TOKEN, PAD_TOKEN, image_prompt, left_pad, random_pixels
 
-from minifastv.model import load
+from minifastv import Sampling, load
 
 TOKENS_PER_IMAGE = 36  # tiny config: 84 px images, 14 px patches -> 6 x 6 grid
 FP32_TOLERANCE = 1e-5
@@ -285,9 +285,8 @@ def test_sampling_is_reproducible_and_tiny_top_p_is_greedy(ours, one_image):
     global_seeds = iter(range(1000, 2000))
 
     def sample(seed, **kwargs):
-        torch.manual_seed(next(global_seeds))  # a new global RNG state each call: only the generator may matter
-        generator = torch.Generator().manual_seed(seed)
-        return ours.generate(ids, px, max_new_tokens=20, eos_token_id=NO_EOS, generator=generator, **kwargs)
+        torch.manual_seed(next(global_seeds))  # a new global RNG state each call: only the seed may matter
+        return ours.generate(ids, px, max_new_tokens=20, eos_token_id=NO_EOS, sampling=Sampling(seed=seed, **kwargs))
 
     first = sample(0, temperature=1.0)
     assert torch.equal(first, sample(0, temperature=1.0))

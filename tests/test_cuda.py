@@ -21,7 +21,7 @@ import torch
 
 from conftest import PAD_TOKEN, image_prompt, left_pad, random_pixels
 
-from minifastv.model import load
+from minifastv import load
 
 DEVICE = "cuda"
 TOKENS_PER_IMAGE = 36

@@ -8,6 +8,7 @@ and original position ids, then transformers' layers K.. run on the kept tokens.
 import pytest
 import torch
 
+import minifastv
 import minifastv.model as M
 from minifastv.rules import grid_rule, no_rope_rule, random_rule
 
@@ -18,7 +19,7 @@ TOKENS_PER_IMAGE = 36  # the tiny 84 px images: a 6 x 6 grid
 
 @pytest.fixture(scope="module")
 def ours(hub_checkpoint):
-    return M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    return minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
     same kept set (a rule that returns the prefill's choice) and unpruned positions for new tokens."""
     ids, mask, pixels = make_case(num_images, batch_size)
     fastv = M.FastV(2, 0.5)
-    stats = M.GenerationStats()
+    stats = minifastv.GenerationStats()
     generated = ours.generate(ids, pixels, mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
     assert generated.shape == (batch_size, 12)
     kept = stats.kept_image_tokens
@@ -160,14 +161,14 @@ def test_pruned_cache_holds_only_kept_tokens(ours):
 
 def test_generation_stats(ours):
     ids, mask, pixels = make_case(2, 1)
-    stats = M.GenerationStats()
+    stats = minifastv.GenerationStats()
     ours.generate(ids, pixels, max_new_tokens=5, fastv=M.FastV(2, 0.75), stats=stats, eos_token_id=-1)
     assert (stats.k, stats.r) == (2, 0.75)
     assert stats.image_tokens == 2 * TOKENS_PER_IMAGE and stats.image_tokens_kept == round(72 * 0.25)
     assert stats.kept_image_tokens.shape == (1, stats.image_tokens_kept)
     assert stats.decode_tokens == 4 and stats.prefill_seconds > 0 and stats.decode_tokens_per_second > 0
     assert stats.kv_cache_bytes > 0 and stats.flops["exact"] < stats.flops["exact_unpruned"]
-    plain = M.GenerationStats()
+    plain = minifastv.GenerationStats()
     ours.generate(ids, pixels, max_new_tokens=5, stats=plain, eos_token_id=-1)
     assert plain.k is None and plain.image_tokens_kept == plain.image_tokens
     assert stats.kv_cache_bytes < plain.kv_cache_bytes
@@ -201,7 +202,7 @@ def test_no_rope_scores_differ_from_fastv(ours):
     ids, mask, pixels = make_case(1, 1)
     inputs = capture_inputs(ours, ids, pixels)
     with_rope = inputs.last_token_attention
-    without_rope = M.last_token_attention(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)
+    without_rope = M.attention_rows(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)
     assert not torch.allclose(with_rope, without_rope, atol=1e-4)
     # Undoing RoPE and doing it again gives back the rotated queries: the inverse is right.
     again = M.apply_rope(inputs.queries_without_rope, inputs.cos, inputs.sin)
@@ -269,7 +270,7 @@ def test_grouped_query_attention_matches_reference(tmp_path):
     tiny_hf_model(seed=3, num_key_value_heads=2).save_pretrained(tmp_path)
     eager = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     sdpa = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    gqa = M.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    gqa = minifastv.load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
     assert gqa.language_model.layers[0].self_attn.k_proj.weight.shape[0] == 2 * 16
     ids, mask, pixels = make_case(1, 2)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import minifastv
 import minifastv.model as M
+from minifastv.checkpoint import read_config
 from minifastv.flops import exact_prefill_flops, paper_flops, prefill_flops_report
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -16,7 +18,7 @@ DATA = Path(__file__).resolve().parent / "data"
 ])
 def test_paper_table_1_for_llava_13b(k, r, per_layer):
     """FastV's Table 1: 36 system-prompt tokens and 576 image tokens, average per layer, in billions."""
-    config = M.LlavaConfig.from_file(DATA / "llava-1.5-13b-hf" / "config.json")
+    config = read_config(DATA / "llava-1.5-13b-hf")
     flops = paper_flops(config, 36, 576, k, r) / config.text.num_hidden_layers / 1e9
     assert round(flops, 1) == per_layer
 
@@ -36,14 +38,14 @@ def counted_flops(model, ids, pixels, fastv):
 def test_exact_count_equals_torch_flop_counter(hub_checkpoint, fastv):
     from conftest import image_prompt, random_pixels
 
-    model = M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    model = minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
     ids, pixels = image_prompt(2, 36), random_pixels(2)
     k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
     assert exact_prefill_flops(model.config, ids.shape[1], 72, k, r) == counted_flops(model, ids, pixels, fastv)
 
 
 def test_report_ratios():
-    config = M.LlavaConfig.from_file(DATA / "llava-1.5-7b-hf" / "config.json")
+    config = read_config(DATA / "llava-1.5-7b-hf")
     report = prefill_flops_report(config, 612, 576, M.FastV(2, 0.5))
     assert report["paper_ratio"] == pytest.approx(paper_flops(config, 36, 576, 2, 0.5) / paper_flops(config, 36, 576))
     assert report["exact"] < report["exact_unpruned"] and 0.5 < report["exact_ratio"] < 0.6
@@ -53,13 +55,11 @@ def test_report_ratios():
 
 @pytest.mark.parametrize("size", ["7b", "13b"])
 def test_built_in_configs_equal_the_real_files(size):
-    from minifastv.flops import llava_15_config
-
-    assert llava_15_config(size) == M.LlavaConfig.from_file(DATA / f"llava-1.5-{size}-hf" / "config.json")
+    assert M.LlavaConfig.from_name(f"llava-1.5-{size}") == read_config(DATA / f"llava-1.5-{size}-hf")
 
 
 def test_flops_cli_prints_table_1(capsys):
-    from minifastv.flops import main
+    from minifastv.flops.__main__ import main
 
     main([])  # the defaults are the paper's Table 1 setting: 13B, 36 + 576 tokens, K=2, R=50%
     out = capsys.readouterr().out

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE, image_prompt, random_pixels
 
-import minifastv.model as minifastv
-from minifastv.model import CheckpointError, LlavaConfig, expected_tensors, load
+import minifastv.checkpoint as checkpoint
+from minifastv.checkpoint import CheckpointError, expected_tensors, load, read_config
+from minifastv.model import LlavaConfig
 
 DATA = Path(__file__).resolve().parent / "data"
 REAL_MODELS = ["llava-1.5-7b-hf", "llava-1.5-13b-hf"]
@@ -59,7 +60,7 @@ def reference_logits(hf_model, tiny_prompt):
 
 @pytest.mark.parametrize("name", REAL_MODELS)
 def test_expected_tensors_match_real_manifest(name):
-    config = LlavaConfig.from_file(DATA / name / "config.json")
+    config = read_config(DATA / name)
     manifest = json.loads((DATA / name / "tensors.json").read_text())
     want = {tensor: tuple(shape) for tensor, shape in manifest["tensors"].items()}
     got = {tensor: tuple(shape) for tensor, shape in expected_tensors(config).items()}
@@ -78,7 +79,7 @@ def test_data_copies_equal_reference(name, file):
 
 
 def test_config_7b_sparse_defaults():
-    config = LlavaConfig.from_file(DATA / "llava-1.5-7b-hf" / "config.json")
+    config = read_config(DATA / "llava-1.5-7b-hf")
     text, vision = config.text, config.vision
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (4096, 32, 32)
     assert text.intermediate_size == 11008
@@ -94,7 +95,7 @@ def test_config_7b_sparse_defaults():
 
 
 def test_config_13b():
-    config = LlavaConfig.from_file(DATA / "llava-1.5-13b-hf" / "config.json")
+    config = read_config(DATA / "llava-1.5-13b-hf")
     text = config.text
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (
         5120, 40, 40, 13824)
@@ -151,7 +152,7 @@ def test_config_defaults_agree_with_transformers():
 
 def test_config_written_by_transformers(saved_checkpoint):
     """transformers 5 writes rope_parameters and every field explicitly; the tiny sizes must come through."""
-    config = LlavaConfig.from_file(saved_checkpoint / "config.json")
+    config = read_config(saved_checkpoint)
     written = json.loads((saved_checkpoint / "config.json").read_text())
     text = written["text_config"]
     assert config.text.hidden_size == text["hidden_size"] == 64
@@ -220,6 +221,173 @@ def test_missing_config(hub_checkpoint, tmp_path):
         load(str(folder), device="cpu", progress=False)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Damaged and foreign files: one sentence naming the file (and the tensor), and nothing loaded
+
+
+def safetensors_parts(file):
+    """(header dict, data bytes) of a .safetensors file."""
+    raw = Path(file).read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def safetensors_bytes(header, data, header_text=None):
+    text = (header_text if header_text is not None else json.dumps(header)).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def first_tensor(header):
+    name = min((key for key in header if key != "__metadata__"), key=lambda key: header[key]["data_offsets"][0])
+    return name, header[name]
+
+
+def damaged_versions(good):
+    """{case: (bytes of model.safetensors, words the message must hold besides the file's name)}."""
+    raw = good.read_bytes()
+    header, data = safetensors_parts(good)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    name, entry = first_tensor(header)
+    begin, end = entry["data_offsets"]
+
+    def edited(change):
+        copy = json.loads(json.dumps(header))
+        change(copy)
+        return safetensors_bytes(copy, data)
+
+    def grow_first(copy):  # its bytes reach into the next tensor's
+        copy[name]["data_offsets"] = [begin, end + 2]
+        copy[name]["shape"] = list(copy[name]["shape"])  # unchanged: 2 more bytes than dtype x shape
+    last = max((key for key in header if key != "__metadata__"), key=lambda key: header[key]["data_offsets"][1])
+
+    def past_the_end(copy):  # the last tensor claims 64 more bytes than the file holds, its shape agrees
+        entry = copy[last]
+        entry["shape"] = [int(torch.tensor(entry["shape"]).prod()) + 32]
+        entry["data_offsets"][1] += 64 if entry["dtype"] == "F16" else 128
+
+    def overlap(copy):  # two tensors share bytes
+        second = sorted((k for k in copy if k != "__metadata__"), key=lambda k: copy[k]["data_offsets"][0])[1]
+        start, stop = copy[second]["data_offsets"]
+        copy[second]["data_offsets"] = [start - 4, stop - 4]
+
+    return {
+        "zero-length shard": (b"", ["0 bytes"]),
+        "cut inside the length": (raw[:5], ["5 bytes"]),
+        "cut inside the header": (raw[: header_end // 2], ["header"]),
+        "cut just after the header": (raw[:header_end], ["truncated"]),
+        "cut in the middle of the data": (raw[: header_end + len(data) // 2], ["truncated"]),
+        "last byte missing": (raw[:-1], ["truncated"]),
+        "trailing bytes": (raw + b"\0" * 16, ["16 bytes follow"]),
+        "garbage": (bytes(range(256)) * 64, ["header"]),
+        "huge header length": ((10**12).to_bytes(8, "little") + raw[8:], ["header"]),
+        "header not JSON": (safetensors_bytes(None, data, header_text="{not json" + " " * 40), ["not valid JSON"]),
+        "header not an object": (safetensors_bytes(None, data, header_text="[1, 2, 3]"), ["not a JSON object"]),
+        "duplicate tensor in header": (safetensors_bytes(None, data, header_text=json.dumps(header)[:-1] + ", "
+                                       + json.dumps(name) + ": " + json.dumps(entry) + "}"), ["appears twice", name]),
+        "size disagrees with dtype x shape": (edited(grow_first), [name, "span"]),
+        "offsets past the end": (edited(past_the_end), ["truncated", "past its end"]),
+        "overlapping tensors": (edited(overlap), ["overlap"]),
+        "unknown dtype": (edited(lambda copy: copy[name].update(dtype="F17")), [name, "malformed"]),
+        "negative offset": (edited(lambda copy: copy[name].update(data_offsets=[-2, end])), [name, "malformed"]),
+        "shape not a list": (edited(lambda copy: copy[name].update(shape="big")), [name, "malformed"]),
+    }
+
+
+DAMAGED_CASES = ["zero-length shard", "cut inside the length", "cut inside the header", "cut just after the header",
+                 "cut in the middle of the data", "last byte missing", "trailing bytes", "garbage",
+                 "huge header length", "header not JSON", "header not an object", "duplicate tensor in header",
+                 "size disagrees with dtype x shape", "offsets past the end", "overlapping tensors", "unknown dtype",
+                 "negative offset", "shape not a list"]
+
+
+@pytest.mark.parametrize("case", DAMAGED_CASES)
+def test_a_damaged_safetensors_file_never_loads(hub_checkpoint, tmp_path, monkeypatch, case):
+    content, words = damaged_versions(hub_checkpoint / "model.safetensors")[case]
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    (folder / "model.safetensors").write_bytes(content)
+    reads = []
+    monkeypatch.setattr(checkpoint, "read_tensor", lambda *args: reads.append(args))  # counts, reads nothing
+    with pytest.raises(CheckpointError) as error:
+        load(str(folder), device="cpu", progress=False)
+    message = str(error.value)
+    assert str(folder / "model.safetensors") in message and "\n" not in message, message
+    for word in words:
+        assert word in message, message
+    assert reads == [], "a tensor was read before the file was known to be whole"
+
+
+def test_a_damaged_second_shard_is_found_before_the_first_is_loaded(hf_model, tmp_path, monkeypatch):
+    folder = tmp_path / "sharded"
+    hf_model.save_pretrained(folder, max_shard_size="5MB")
+    last = sorted(folder.glob("*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-10])
+    reads = []
+    monkeypatch.setattr(checkpoint, "read_tensor", lambda *args: reads.append(args))
+    with pytest.raises(CheckpointError, match=f"{last.name}.*truncated"):
+        load(str(folder), device="cpu", progress=False)
+    assert reads == []
+
+
+def test_a_file_that_shrinks_while_loading_is_caught(hub_checkpoint, tmp_path):
+    """The header was whole, then the file lost its end (a second process writing it): the read's byte
+    count is checked too."""
+    file = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt") / "model.safetensors"
+    entries = checkpoint.read_header(file)
+    with open(file, "r+b") as f:
+        f.truncate(entries[-1].begin + 1)
+        with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}.*truncated"):
+            checkpoint.read_tensor(f, entries[-1], file)
+
+
+BROKEN_JSON = {  # file: text
+    "config.json": '{"text_config": {"hidden_size": 64,}',
+    "preprocessor_config.json": '{"crop_size": ',
+    "tokenizer.json": '{"version": "1.0", "truncation": null, "model": {"type": "BPE", "vocab": {"a": 0',
+    "model.safetensors.index.json": "weight_map",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_JSON))
+def test_a_broken_json_file_is_named(hub_checkpoint, tmp_path, name):
+    from minifastv.image import ImageProcessorConfig
+    from minifastv.prompt import Tokenizer
+
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    (folder / name).write_text(BROKEN_JSON[name])
+    read = {"preprocessor_config.json": ImageProcessorConfig.from_folder, "tokenizer.json": Tokenizer.from_folder}.get(
+        name, lambda folder: load(str(folder), device="cpu", progress=False))
+    with pytest.raises(CheckpointError) as error:
+        read(folder)
+    message = str(error.value)
+    assert str(folder / name) in message and "\n" not in message, message
+    assert "JSON" in message or "damaged" in message, message
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda values: values["text_config"].update(num_hidden_layers="four"), ["num_hidden_layers", "integer", "'four'"]),
+    (lambda values: values["text_config"].update(hidden_size=0), ["hidden_size", "positive"]),
+    (lambda values: values["text_config"].update(num_attention_heads=0), ["num_attention_heads", "positive"]),
+    (lambda values: values["text_config"].update(num_key_value_heads=3), ["heads"]),
+    (lambda values: values["vision_config"].update(layer_norm_eps=float("nan")), ["layer_norm_eps"]),
+    (lambda values: values.update(image_token_index=10**6), ["image_token_id", "vocabulary"]),
+    (lambda values: values.update(vision_feature_layer=-9), ["vision_feature_layer"]),
+    (lambda values: values.update(text_config=[1, 2]), ["config.json", "LLaVA"]),
+    (lambda values: values.clear() or values.update(model_type="bert") or values.update(text_config=None), ["config.json"]),
+], ids=["string size", "zero size", "no heads", "heads do not divide", "nan eps", "image id outside vocab",
+        "feature layer outside", "text config a list", "not llava"])
+def test_a_foreign_config_is_refused_with_the_reason(hub_checkpoint, tmp_path, edit, words):
+    folder = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt")
+    values = json.loads((folder / "config.json").read_text())
+    edit(values)
+    (folder / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError) as error:
+        read_config(folder)
+    message = str(error.value)
+    assert str(folder / "config.json") in message and "\n" not in message, message
+    for word in words:
+        assert word in message, message
+
+
 def test_sharded_checkpoint_loads(hf_model, tmp_path, tiny_prompt, reference_logits):
     folder = tmp_path / "sharded"
     hf_model.save_pretrained(folder, max_shard_size="5MB")
@@ -283,12 +451,12 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIFASTV_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-    monkeypatch.setattr(minifastv, "WEIGHTS_DIR", tmp_path / "weights")  # read once, at import
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")  # read once, at import
     return tmp_path / "weights"
 
 
-def test_unreachable_hub_raises_connection_error(offline_hub):
-    with pytest.raises(ConnectionError, match=r"(?s)someone/not-a-model.*(?i:hub)"):
+def test_unreachable_hub_is_a_checkpoint_error(offline_hub):
+    with pytest.raises(CheckpointError, match=r"(?s)someone/not-a-model.*(?i:hub)"):
         load("someone/not-a-model", device="cpu", progress=False)
 
 
@@ -298,13 +466,18 @@ def test_offline_uses_an_earlier_download(offline_hub, hub_checkpoint, tiny_prom
     assert (logits_of(model, *tiny_prompt) - reference_logits).abs().max().item() <= 1e-5
 
 
-def test_neither_folder_nor_repo_id(tmp_path, hub_checkpoint):
-    with pytest.raises(FileNotFoundError, match="neither"):
+def test_neither_folder_nor_repo_id(tmp_path, hub_checkpoint, monkeypatch):
+    with pytest.raises(CheckpointError, match="no model folder .*no/such/folder"):
         load(str(tmp_path / "no" / "such" / "folder"), device="cpu", progress=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="no model folder not-a-folder-or-repo"):
         load("not-a-folder-or-repo", device="cpu", progress=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="is a file"):
         load(str(hub_checkpoint / "config.json"), device="cpu", progress=False)  # a file, not a folder
+    monkeypatch.chdir(tmp_path)  # relative paths that look like owner/name: a missing folder, not a hub problem
+    (tmp_path / "weights").mkdir()
+    for relative in ("./tiny", "weights/tiny", "../nowhere"):
+        with pytest.raises(CheckpointError, match=f"no model folder {relative}"):
+            load(relative, device="cpu", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,14 +509,12 @@ def test_hub_failure_is_one_line_even_when_the_hub_says_more(tmp_path, monkeypat
     """huggingface-hub's errors span several lines; the user still gets one sentence on one line."""
     import huggingface_hub
 
-    import minifastv.model as model_module
-
     def unreachable(**kwargs):
         raise OSError("Got: ConnectError: Name or service not known\nAn error happened.\n  Please check your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
-    monkeypatch.setattr(model_module, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(ConnectionError) as error:
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(CheckpointError) as error:
         load("someone/some-model", device="cpu")
     message = str(error.value)
     assert "\n" not in message and "someone/some-model" in message and "Please check your connection" in message

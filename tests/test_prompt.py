@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from minifastv.errors import CheckpointError
 from minifastv.prompt import Tokenizer, count_images, encode_prompt, format_prompt
-from tokenizer_factory import write_small_llama_tokenizer
+from minifastv.tiny import write_small_llama_tokenizer
 
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 REAL_FOLDER = REFERENCE / "llava-1.5-7b-hf"
@@ -145,7 +146,7 @@ def test_special_ids_of_the_small_tokenizer(small_folder):
 
 
 def test_missing_tokenizer_json_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(CheckpointError, match="No tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
 
 

@@ -9,9 +9,10 @@ a 36-token system prompt. SwiGLU has a third FFN matrix, and the vision tower an
 too, so `exact_prefill_flops` counts every matrix product minifastv runs instead: 2 FLOPs per
 multiply-add, attention as the full T x T product that SDPA's math kernel computes, nothing for
 norms, activations and softmax (cheap elementwise work).
-"""
 
-from .model import LlavaConfig
+Plain arithmetic on a LlavaConfig (model.py): this module imports nothing of minifastv, so that generation
+can fill GenerationStats.flops. `python -m minifastv.flops` (flops/__main__.py) prints the numbers.
+"""
 
 
 def kept_tokens(num_tokens, num_image_tokens, r):
@@ -23,7 +24,7 @@ def paper_layer_flops(n, d, m):
     return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
 
 
-def paper_flops(config: LlavaConfig, num_text_tokens, num_image_tokens, k=None, r=0.0):
+def paper_flops(config, num_text_tokens, num_image_tokens, k=None, r=0.0):
     """The paper's FLOPs of all decoder layers; FastV when k is given. Divide by the layer count for Table 1."""
     d, m, layers = config.text.hidden_size, config.text.intermediate_size, config.text.num_hidden_layers
     n = num_text_tokens + num_image_tokens
@@ -33,7 +34,7 @@ def paper_flops(config: LlavaConfig, num_text_tokens, num_image_tokens, k=None, 
     return k * paper_layer_flops(n, d, m) + (layers - k) * paper_layer_flops(n_kept, d, m)
 
 
-def decoder_layer_flops(config: LlavaConfig, n):
+def decoder_layer_flops(config, n):
     """Exact matmul FLOPs of one decoder layer over n tokens (prefill, no cache)."""
     text = config.text
     q_width, kv_width = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
@@ -43,7 +44,7 @@ def decoder_layer_flops(config: LlavaConfig, n):
     return projections + attention + mlp
 
 
-def vision_flops(config: LlavaConfig, num_images):
+def vision_flops(config, num_images):
     """Exact matmul FLOPs of the vision tower (the layers that run) and the projector."""
     vision = config.vision
     c, patches = vision.hidden_size, vision.grid_size**2
@@ -56,8 +57,8 @@ def vision_flops(config: LlavaConfig, num_images):
     return num_images * (patch_embedding + layers_run * layer + projector)
 
 
-def exact_prefill_flops(config: LlavaConfig, num_tokens, num_image_tokens, k=None, r=0.0, logits_tokens=1):
-    """Exact matmul FLOPs of one prompt's prefill: vision, decoder, FastV's scoring row, lm_head."""
+def exact_prefill_flops(config, num_tokens, num_image_tokens, k=None, r=0.0):
+    """Exact matmul FLOPs of one prompt's prefill: vision, decoder, FastV's scoring row, the last token's logits."""
     text = config.text
     flops = vision_flops(config, num_image_tokens // config.image_tokens_per_image)
     if k is None:
@@ -66,10 +67,10 @@ def exact_prefill_flops(config: LlavaConfig, num_tokens, num_image_tokens, k=Non
         n_kept = kept_tokens(num_tokens, num_image_tokens, r)
         flops += k * decoder_layer_flops(config, num_tokens) + (text.num_hidden_layers - k) * decoder_layer_flops(config, n_kept)
         flops += 2 * text.num_attention_heads * num_tokens * text.head_dim  # the last token's scores in layer K-1
-    return flops + 2 * logits_tokens * text.hidden_size * text.vocab_size
+    return flops + 2 * text.hidden_size * text.vocab_size  # lm_head, for the last token only
 
 
-def prefill_flops_report(config: LlavaConfig, num_tokens, num_image_tokens, fastv=None, batch_size=1):
+def prefill_flops_report(config, num_tokens, num_image_tokens, fastv=None, batch_size=1):
     """Prefill FLOPs of a batch, both models, with FastV's settings (or the unpruned model twice)."""
     k, r = (fastv.k, fastv.r) if fastv is not None else (None, 0.0)
     num_text = num_tokens - num_image_tokens
@@ -82,49 +83,3 @@ def prefill_flops_report(config: LlavaConfig, num_tokens, num_image_tokens, fast
     report["paper_ratio"] = report["paper"] / report["paper_unpruned"]
     report["exact_ratio"] = report["exact"] / report["exact_unpruned"]
     return report
-
-
-def llava_15_config(size):
-    """LLaVA-1.5-7B or -13B's config, as llava-hf's config.json gives it (no file needed)."""
-    from .model import TextConfig, VisionConfig
-
-    vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=336, patch_size=14)
-    widths = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-              "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
-    text = TextConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, **widths[size])
-    return LlavaConfig(text=text, vision=vision)
-
-
-def main(argv=None):
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(prog="python -m minifastv.flops",
-                                     description="Prefill FLOPs of LLaVA with and without FastV: the paper's model and an exact count.")
-    parser.add_argument("--config", default="13b", help="7b, 13b, or a config.json / model folder (default 13b, the paper's Table 1)")
-    parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
-    parser.add_argument("--r", type=float, default=0.5, help="FastV's R (default 0.5)")
-    parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (default 36, as in the paper)")
-    parser.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
-    args = parser.parse_args(argv)
-    if args.config in ("7b", "13b"):
-        config = llava_15_config(args.config)
-    else:
-        path = Path(args.config)
-        config = LlavaConfig.from_file(path / "config.json" if path.is_dir() else path)
-    num_image = args.images * config.image_tokens_per_image
-    num_tokens = args.text_tokens + num_image
-    layers = config.text.num_hidden_layers
-    paper_base = paper_flops(config, args.text_tokens, num_image) / layers / 1e9
-    paper_fast = paper_flops(config, args.text_tokens, num_image, args.k, args.r) / layers / 1e9
-    exact_base = exact_prefill_flops(config, num_tokens, num_image) / 1e12
-    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r) / 1e12
-    print(f"{args.config}: {args.text_tokens} text + {num_image} image tokens, FastV K={args.k} R={args.r}")
-    print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
-    print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
-          f"({1 - exact_fast / exact_base:.1%} fewer)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,59 @@
+"""python -m minifastv.flops: a LLaVA prefill's FLOPs with and without FastV, the paper's formula and the exact count."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import cli
+from ..checkpoint import read_config
+from ..errors import UsageError
+from ..model import PRESETS, LlavaConfig
+from . import exact_prefill_flops, paper_flops
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m minifastv.flops",
+                                     description="Prefill FLOPs of LLaVA with and without FastV: the paper's model and an exact count.")
+    parser.add_argument("--config", default="llava-1.5-13b",
+                        help=f"{', '.join(PRESETS)}, or a config.json or model folder (default llava-1.5-13b, the paper's Table 1)")
+    cli.add_fastv_arguments(parser)
+    parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (default 36, as in the paper)")
+    parser.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
+    return parser.parse_args(argv)
+
+
+def model_config(name):
+    """A built-in config by name, or a config.json file, or the config.json of a model folder."""
+    if name in PRESETS:
+        return LlavaConfig.from_name(name)
+    if not Path(name).exists():
+        raise UsageError(f"--config {name} is neither a built-in config ({', '.join(PRESETS)}) nor a config.json or model folder.")
+    return read_config(name)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.check_fastv(args.k, args.r)
+    cli.check_at_least("--text-tokens", args.text_tokens, 0)
+    cli.check_at_least("--images", args.images)
+    config = model_config(args.config)
+    num_image = args.images * config.image_tokens_per_image
+    cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image)
+    num_tokens = args.text_tokens + num_image
+    layers = config.text.num_hidden_layers
+    paper_base = paper_flops(config, args.text_tokens, num_image) / layers / 1e9
+    paper_fast = paper_flops(config, args.text_tokens, num_image, args.k, args.r) / layers / 1e9
+    exact_base = exact_prefill_flops(config, num_tokens, num_image) / 1e12
+    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r) / 1e12
+    print(f"{args.config}: {args.text_tokens} text + {num_image} image tokens, FastV K={args.k} R={args.r}")
+    print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
+    print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
+          f"({1 - exact_fast / exact_base:.1%} fewer)")
+
+
+def command(argv=None):
+    return cli.report_errors(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(command())

@@ -1,0 +1,133 @@
+"""Generation: prefill the prompt once (FastV prunes there), then one token at a time against the KV cache.
+
+Llava (model.py) inherits `generate` and `stream` from GenerationMixin, so `model.generate(...)` works;
+this file only calls the model, never reaches into its layers. Sampling settings are one small
+dataclass, and a GenerationStats records what a run measured.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SettingsError
+from .flops import prefill_flops_report
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked: greedy (temperature 0, the default) or nucleus sampling."""
+
+    temperature: float = 0.0  # 0 picks the likeliest token; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # when sampling: only from the smallest set of tokens whose probability reaches top_p
+    seed: int = 0  # the random generator's seed: the same seed, the same answer
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also refuses NaN
+            raise SettingsError(f"The sampling temperature must be 0 (greedy) or more, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise SettingsError(f"top-p is a share of the probability and must be in (0, 1], got {self.top_p}.")
+        if self.temperature == 0 and self.top_p != 1:
+            raise SettingsError("top-p applies only when sampling: set a temperature above 0 as well.")
+
+
+def pick_token(logits, sampling, generator):
+    """Greedy (temperature 0) or nucleus sampling over (B, vocab) float32 logits."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the first token always stays
+    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes itself
+    return order.gather(-1, choice)[:, 0]
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+
+
+@dataclass
+class GenerationStats:
+    """What a generate() run measured; pass one as `stats=` and read it afterwards."""
+
+    prompt_tokens: int = 0  # per prompt, padding included
+    image_tokens: int = 0  # per prompt, all images together
+    image_tokens_kept: int = 0
+    k: int | None = None  # FastV's settings, None without FastV
+    r: float | None = None
+    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of kept image tokens, patch = index % 576
+    kv_cache_bytes: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
+    decode_seconds: float = 0.0
+    flops: dict | None = None  # prefill FLOPs with and without FastV: see minifastv.flops
+
+    @property
+    def decode_tokens_per_second(self):
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def record_prefill(self, config, input_ids, cache, fastv, seconds):
+        self.prompt_tokens = input_ids.shape[1]
+        self.image_tokens = int((input_ids[0] == config.image_token_id).sum())
+        self.image_tokens_kept = self.image_tokens
+        pruned = cache.pruned_at is not None
+        if pruned:
+            self.k, self.r = fastv.k, fastv.r
+            self.image_tokens_kept = cache.kept_image_tokens.shape[1]
+            self.kept_image_tokens = cache.kept_image_tokens.cpu()
+        self.prefill_seconds = seconds
+        self.flops = prefill_flops_report(config, self.prompt_tokens, self.image_tokens, fastv if pruned else None,
+                                          batch_size=input_ids.shape[0])
+
+
+class GenerationMixin:
+    """generate() and stream() for Llava: they need only its forward pass, config, device and new_cache()."""
+
+    @torch.inference_mode()
+    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, fastv=None,
+               sampling=None, stats=None, eos_token_id=None):
+        """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
+
+        `sampling`: a Sampling (default greedy). Finished sequences yield pad ids. FastV prunes once, at
+        prefill: the cache of layers >= K holds only the kept tokens, and every generated token attends to
+        those. Pass a GenerationStats as `stats` to have it filled in; eos_token_id=-1 never stops early.
+        """
+        sampling = sampling or Sampling()
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        eos_token_id = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
+        context = self.config.text.max_position_embeddings
+        if input_ids.shape[1] + max_new_tokens > context:
+            raise ValueError(
+                f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for {max_new_tokens} more, "
+                f"but the model's context is {context} tokens."
+            )
+        cache = self.new_cache()
+        started = time.perf_counter()
+        logits = self(input_ids, pixel_values, attention_mask, cache=cache, fastv=fastv, last_logits_only=True)
+        next_token = pick_token(logits[:, -1].float(), sampling, generator)  # (B,)
+        synchronize(self.device)
+        if stats is not None:
+            stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_token = next_token.masked_fill(finished, self.config.pad_token_id)
+            yield next_token
+            finished |= next_token == eos_token_id
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            started = time.perf_counter()  # timed per step: what the caller does between tokens is not ours
+            logits = self(next_token[:, None], cache=cache, last_logits_only=True)
+            next_token = pick_token(logits[:, -1].float(), sampling, generator)
+            if stats is not None:
+                synchronize(self.device)
+                stats.decode_tokens += 1
+                stats.decode_seconds += time.perf_counter() - started
+        if stats is not None:
+            stats.kv_cache_bytes = cache.nbytes()
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **options):
+        """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, sampling=, stats=)."""
+        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **options))
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)

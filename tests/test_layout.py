@@ -1,0 +1,103 @@
+"""The package's shape: the read-along file stays short, imports go one way, the commands stand apart.
+
+The import graph is read from the source (every `import` and `from ... import`, inside functions too), so
+a circle cannot hide behind an import placed in a function.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
+COMMANDS = {"minifastv.__main__", "minifastv.analyze", "minifastv.bench", "minifastv.flops.__main__"}
+
+
+def module_name(path):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules():
+    return {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path, known):
+    """The package modules that the file at `path` imports, anywhere in it."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "minifastv"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            elif node.module and node.module.split(".")[0] == "minifastv":
+                base = node.module
+            else:
+                continue
+            for alias in node.names:  # `from . import cli` imports the module minifastv.cli
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return found - {name}
+
+
+def import_graph():
+    known = modules()
+    return {name: imports_of(path, known) for name, path in known.items()}
+
+
+def find_cycle(graph):
+    """One import circle as a list of modules, or None."""
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return trail[trail.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target, trail + [target])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_graph_reader_sees_what_it_should():
+    graph = import_graph()
+    assert "minifastv.cli" in graph["minifastv.__main__"]  # `from . import cli`
+    assert "minifastv.flops" in graph["minifastv.generation"]  # `from .flops import ...`
+    assert "minifastv.cli" in graph["minifastv.flops.__main__"]  # `from .. import cli`
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_command_imports_another_command():
+    graph = import_graph()
+    assert COMMANDS <= set(graph)
+    for command in COMMANDS:
+        assert not graph[command] & COMMANDS, f"{command} imports {graph[command] & COMMANDS}"
+
+
+def test_the_model_file_imports_only_what_it_names():
+    """model.py stands alone: torch, the error types, and the generation mixin (which does not import it)."""
+    graph = import_graph()
+    assert graph["minifastv.model"] == {"minifastv.errors", "minifastv.generation"}
+    assert "minifastv.model" not in graph["minifastv.generation"]
+
+
+def test_the_read_along_file_stays_short():
+    lines = len((PACKAGE / "model.py").read_text().splitlines())
+    assert lines <= 650, f"minifastv/model.py has {lines} lines; the read-along file stays at 650 or fewer"
