@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .__main__ import DEFAULT_IMAGE, UserError, pick_dtype, prepare, report_errors
+from . import cli
+from .checkpoint import read_config
+from .errors import UsageError
 from .image import ImageProcessorConfig
-from .model import DEFAULT_REPO, FastV, KVCache, LlavaConfig, causal_padding_mask, fastv_rule, load
+from .model import FastV, attention_rows, causal_padding_mask, fastv_rule
 from .rules import grid_rule, no_rope_rule, random_rule
 
 # The paper's four token classes. llava-hf's template has no system prompt, so "system" is what comes
@@ -53,29 +55,14 @@ def token_classes(input_ids, image_token_id, num_output):
     return classes
 
 
-def output_attention_rows(queries, keys, num_output):
-    """Softmax rows of the last num_output queries over every key, per head: (B, H, n_out, T), float32.
-
-    Only these rows are computed, never the T x T matrix: output token p sees keys 0 .. p (causal).
-    """
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1).float()  # (B, H, T, D): GQA
-    scale = queries.shape[-1] ** -0.5
-    scores = (queries[:, :, -num_output:].float() @ keys.transpose(-1, -2)) * scale  # (B, H, n_out, T)
-    num_keys = keys.shape[2]
-    query_positions = torch.arange(num_keys - num_output, num_keys, device=keys.device)  # (n_out,)
-    future = torch.arange(num_keys, device=keys.device)[None, :] > query_positions[:, None]  # (n_out, T)
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-
-
 def mean_attention_matrix(queries, keys):
     """One layer's full causal attention, mean over heads: (T, T) float32. For a heatmap, one head at a time."""
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-    T = queries.shape[2]
-    future = torch.ones(T, T, dtype=torch.bool, device=keys.device).triu(1)
-    total = torch.zeros(T, T, device=keys.device)
+    T, group = queries.shape[2], queries.shape[1] // keys.shape[1]  # query heads per key head (GQA)
+    every_token = torch.ones(1, T, dtype=torch.long, device=queries.device)  # no padding
+    total = torch.zeros(T, T, device=queries.device)
     for head in range(queries.shape[1]):
-        scores = queries[0, head].float() @ keys[0, head].float().T * queries.shape[-1] ** -0.5  # (T, T)
-        total += scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        head_keys = keys[:, head // group : head // group + 1]  # (1, 1, T, D): this head's keys
+        total += attention_rows(queries[:, head : head + 1], head_keys, every_token, num_rows=T)[0, 0]
     return total / queries.shape[1]
 
 
@@ -106,7 +93,7 @@ def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_lay
     shares, heatmaps = [], {}
     for index, layer in enumerate(model.language_model.layers):
         x, (queries, keys) = layer(x, cos, sin, mask)  # (1, H, T, D), (1, H_kv, T, D), after RoPE
-        rows = output_attention_rows(queries, keys, num_output)  # (1, H, n_out, T)
+        rows = attention_rows(queries, keys, input_ids.new_ones(input_ids.shape), num_output)  # (1, H, n_out, T)
         shares.append((rows @ one_hot).mean(dim=(0, 1, 2)).cpu())  # (4,): mean over heads and output tokens
         if index in heatmap_layers:  # this layer's T x T lives only until its picture is drawn
             heatmaps[index] = attention_heatmap(mean_attention_matrix(queries, keys).cpu(), classes.cpu())
@@ -239,10 +226,15 @@ def preprocessed_image(pixels, image_config):
 
 @torch.inference_mode()
 def kept_image_tokens(model, input_ids, pixel_values, fastv):
-    """(N_kept,) indices into the prompt's image tokens that FastV keeps: a prefill that stores no keys."""
-    cache = KVCache(len(model.language_model.layers), keep=False)  # still records the pruning
-    model(input_ids, pixel_values, cache=cache, fastv=fastv, last_logits_only=True)
-    return cache.kept_image_tokens[0].cpu()
+    """(N_kept,) indices into the prompt's image tokens that FastV keeps, sorted: a prefill, no cache."""
+    chosen = []
+
+    def remember(inputs):  # the rule's answer, on its way to the FastV step
+        chosen.append(fastv.rule(inputs))
+        return chosen[-1]
+
+    model(input_ids, pixel_values, fastv=FastV(fastv.k, fastv.r, rule=remember), last_logits_only=True)
+    return chosen[0][0].sort().values.cpu()
 
 
 def kept_patch_grids(kept, num_images, grid_size, tokens_per_image):
@@ -302,20 +294,12 @@ def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rule
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minifastv.analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_REPO, help="hub repo id or local llava-hf folder (default %(default)s)")
-    parser.add_argument("--image", nargs="+", default=[str(DEFAULT_IMAGE)], metavar="PATH",
-                        help="one or more images (default: the cat)")
-    parser.add_argument("--prompt", default="Describe this image.", help="the question (default: %(default)r)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer tokens to analyze (default 32)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    parser.add_argument("--k", type=int, default=2, help="FastV's layer K for the kept-patch pictures (default 2)")
-    parser.add_argument("--r", type=float, default=0.5, help="FastV's share of image tokens dropped, in [0, 1) (default 0.5)")
+    cli.add_model_arguments(parser)
+    cli.add_question_arguments(parser, max_new_tokens=32)
+    cli.add_fastv_arguments(parser)
     parser.add_argument("--heatmap-layers", default="0,1,2,15,31",
                         help="layers whose full attention map to draw, clipped to the last layer (default %(default)s)")
     parser.add_argument("--out", default="analysis", help="folder for the PNGs (default %(default)s/)")
-    parser.add_argument("--pad", action="store_true", help="pad each image to a square instead of center-cropping it")
-    parser.set_defaults(no_fastv=False)  # for prepare(): check --k against the model
     return parser.parse_args(argv)
 
 
@@ -324,40 +308,53 @@ def heatmap_layers(text, num_layers):
     try:
         layers = [int(word) for word in text.split(",") if word.strip()]
     except ValueError:
-        raise UserError(f"--heatmap-layers must be comma-separated layer numbers like 0,1,2,15,31, got {text!r}.") from None
+        raise UsageError(f"--heatmap-layers must be comma-separated layer numbers like 0,1,2,15,31, got {text!r}.") from None
     if not layers or any(layer < 0 for layer in layers):
-        raise UserError(f"--heatmap-layers must be one or more layer numbers >= 0, got {text!r}.")
+        raise UsageError(f"--heatmap-layers must be one or more layer numbers >= 0, got {text!r}.")
     return {min(layer, num_layers - 1) for layer in layers}
+
+
+def output_folder(path):
+    """--out, created now (before the slow part), or a UsageError saying why it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {path} cannot be a folder for the PNGs ({error.strerror}).") from None
+    return Path(path)
 
 
 def main(argv=None, out=None):
     out = out or sys.stdout
     args = parse_args(argv)
-    device, folder, tokenizer, input_ids, pixel_values = prepare(args)  # the CLI's checks, before the load
-    layers = heatmap_layers(args.heatmap_layers, LlavaConfig.from_file(folder / "config.json").text.num_hidden_layers)
-    out_folder = Path(args.out)
-    if out_folder.exists() and not out_folder.is_dir():
-        raise UserError(f"--out {out_folder} is a file; give a folder for the PNGs.")
-    model = load(folder, device=device, dtype=pick_dtype(args.dtype, device))
+    cli.check_fastv(args.k, args.r)  # the checks that need no model, before a download
+    cli.check_at_least("--max-new-tokens", args.max_new_tokens)
+    device = cli.pick_device(args.device)
+    folder = cli.model_folder(args.model)
+    config = read_config(folder)
+    tokenizer, input_ids, pixel_values = cli.encode_question(folder, config, args.image, args.prompt, args.pad,
+                                                             args.max_new_tokens)
+    fastv = cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, input_ids.eq(config.image_token_id).sum().item())
+    layers = heatmap_layers(args.heatmap_layers, config.text.num_hidden_layers)
+    out_folder = output_folder(args.out)
+    model = cli.load_model(folder, device, cli.pick_dtype(args.dtype, device))
     answer = model.generate(input_ids, pixel_values, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out), greedy
     print(f"answer: {tokenizer.decode(answer[0].tolist()).strip()}", file=out)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
     result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers)
     sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
     print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
-    out_folder.mkdir(parents=True, exist_ok=True)
     image_config = ImageProcessorConfig.from_folder(folder)
     pictures = {"attention_allocation.png": allocation_chart(result.allocation),
                 "attention_heatmaps.png": heatmaps_figure(result.heatmaps),
-                "kept_patches.png": kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r)}
+                "kept_patches.png": kept_patches_figure(model, input_ids, pixel_values, image_config, fastv.k, fastv.r)}
     for name, picture in pictures.items():
         picture.save(out_folder / name)
         print(f"wrote {out_folder / name} ({picture.width} x {picture.height})", file=out)
 
 
-def cli(argv=None):
-    return report_errors(main, argv)
+def command(argv=None):
+    return cli.report_errors(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command())

@@ -1,7 +1,8 @@
 """Benchmark FastV's prefill speed-up against its FLOPs prediction: python -m minifastv.bench
 
 By default it builds a random LLaVA-shaped model that fits a laptop (576 image tokens per image, a
-1024-wide 12-layer decoder with SwiGLU at 11/4 of the width, a small vision tower); --model runs a real checkpoint instead, e.g.
+1024-wide 12-layer decoder with SwiGLU at 11/4 of the width, a small vision tower); --model runs a
+checkpoint instead: `--model tiny` (built offline in a second), or a real one, e.g.
 `python -m minifastv.bench --model llava-hf/llava-1.5-7b-hf --device cuda`. It prints, for each R at
 K=2: the prefill time, its ratio to the unpruned model, the FLOPs ratio (exact count), and how much of
 the predicted speed-up was realized; then the cost of FastV's scoring alone (R=0 against no FastV)
@@ -13,13 +14,17 @@ CUDA, peak GPU memory.
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 
 import torch
 
+from . import cli
+from .checkpoint import file_name, read_config
+from .errors import UsageError
 from .flops import exact_prefill_flops
-from .model import (FastV, KVCache, Llava, LlavaConfig, TextConfig, VisionConfig, fastv_rule,
-                    last_token_attention, load, resolve_folder, synchronize)
+from .generation import synchronize
+from .model import FastV, Llava, LlavaConfig, TextConfig, VisionConfig, attention_rows, fastv_rule
 
 
 def random_llava(device, dtype, layers=12, width=1024):
@@ -38,10 +43,11 @@ def random_llava(device, dtype, layers=12, width=1024):
 
 
 def benchmark_prompt(config, num_text_tokens=40, num_images=1):
-    """A prompt laid out like LLaVA's: BOS, some text, the image tokens, the question."""
+    """A prompt laid out like LLaVA's: BOS, some text, the image tokens, the question; random words of the vocabulary."""
     generator = torch.Generator().manual_seed(0)
-    before = torch.randint(3, 31000, (num_text_tokens // 2,), generator=generator).tolist()
-    after = torch.randint(3, 31000, (num_text_tokens - num_text_tokens // 2 - 1,), generator=generator).tolist()
+    words = torch.tensor([i for i in range(3, config.text.vocab_size) if i not in (config.image_token_id, config.pad_token_id)])
+    before = words[torch.randint(len(words), (num_text_tokens // 2,), generator=generator)].tolist()
+    after = words[torch.randint(len(words), (num_text_tokens - num_text_tokens // 2 - 1,), generator=generator)].tolist()
     ids = [1] + before + [config.image_token_id] * (config.image_tokens_per_image * num_images) + after
     size = config.vision.image_size
     pixels = torch.randn(num_images, 3, size, size, generator=generator)
@@ -55,7 +61,7 @@ def time_prefills(model, ids, pixels, settings, repeats):
     caches = {}
     for round_number in range(repeats + 1):  # round 0 warms up
         for name, fastv in settings.items():
-            cache = KVCache(len(model.language_model.layers))
+            cache = model.new_cache()
             synchronize(model.device)
             started = time.perf_counter()
             model(ids, pixels, cache=cache, fastv=fastv, last_logits_only=True)
@@ -81,18 +87,11 @@ def time_scoring(model, ids, pixels, k, repeats=50):
     for _ in range(repeats + 1):
         synchronize(model.device)
         started = time.perf_counter()
-        row = last_token_attention(inputs.queries, inputs.keys, inputs.attention_mask)
+        row = attention_rows(inputs.queries, inputs.keys, inputs.attention_mask)[:, :, -1]
         fastv_rule(dataclasses.replace(inputs, last_token_attention=row))
         synchronize(model.device)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
-
-
-def transformers_name(name):
-    """This file's parameter name -> transformers 5's LlavaForConditionalGeneration name."""
-    if name.startswith("lm_head."):
-        return name
-    return "model." + name.replace("vision_tower.layers.", "vision_tower.encoder.layers.")
 
 
 def transformers_twin(model, folder=None):
@@ -112,7 +111,7 @@ def transformers_twin(model, folder=None):
         image_token_index=config.image_token_id, pad_token_id=config.pad_token_id,
         vision_feature_layer=config.vision_feature_layer, vision_feature_select_strategy=config.vision_feature_select_strategy)
     twin = LlavaForConditionalGeneration(hf_config).to(model.dtype)
-    twin.load_state_dict({transformers_name(name): tensor for name, tensor in model.state_dict().items()}, strict=True)
+    twin.load_state_dict({file_name(name, "transformers"): tensor for name, tensor in model.state_dict().items()}, strict=True)
     return twin.to(model.device).eval()
 
 
@@ -132,7 +131,7 @@ def compare_with_transformers(model, twin, ids, pixels, repeats, new_tokens=16):
                                                 min_new_tokens=n, do_sample=False),
         },
         "minifastv": {
-            "prefill": lambda: model(ids, pixels, cache=KVCache(len(model.language_model.layers)), last_logits_only=True),
+            "prefill": lambda: model(ids, pixels, cache=model.new_cache(), last_logits_only=True),
             "generate": lambda n: model.generate(ids, pixels, max_new_tokens=n, eos_token_id=-1),
         },
     }
@@ -160,29 +159,47 @@ def compare_with_transformers(model, twin, ids, pixels, repeats, new_tokens=16):
                    "memory": r["memory"]} for name, r in results.items()}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a llava-hf folder or repo id (default: a random LLaVA-shaped model)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on CPU, else fp16/bf16")
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m minifastv.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a llava-hf folder, a hub repo id, or 'tiny' (default: a random LLaVA-shaped model)")
+    cli.add_device_arguments(parser)
     parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting, the median is shown (default 5)")
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (default 12)")
-    parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model (default 1024)")
+    parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model, a multiple of 64 (default 1024)")
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the comparison with transformers, which holds a second copy of the weights "
                              "(loaded through host memory): needed where two copies do not fit, e.g. the 7B on a T4")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.model:
-        model = load(args.model, device=device, dtype=dtype)
-    else:
-        model = random_llava(device, dtype or (torch.float32 if device.type == "cpu" else torch.float16), args.layers, args.width)
+
+def build_model(args, device, dtype):
+    """The model to time, with every argument checked first: a checkpoint (--model) or a random one."""
+    if args.model is None:
+        cli.check_at_least("--layers", args.layers, 2)
+        if args.width < 64 or args.width % 64:
+            raise UsageError(f"--width must be a multiple of 64, got {args.width}.")
+        cli.check_fastv(args.k, 0.0, args.layers)
+        return random_llava(device, dtype, args.layers, args.width), None
+    folder = cli.model_folder(args.model)
+    cli.check_fastv(args.k, 0.0, read_config(folder).text.num_hidden_layers)
+    return cli.load_model(folder, device, dtype), folder
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.check_fastv(args.k, 0.0)
+    cli.check_at_least("--repeats", args.repeats)
+    cli.check_at_least("--text-tokens", args.text_tokens)
+    device = cli.pick_device(args.device)
+    model, folder = build_model(args, device, cli.pick_dtype(args.dtype, device))
     config = model.config
     ids, pixels = benchmark_prompt(config, args.text_tokens)
+    if ids.shape[1] + 16 > config.text.max_position_embeddings:  # 16: the tokens generated for transformers' comparison
+        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, too long for the "
+                         f"model's context of {config.text.max_position_embeddings} tokens.")
     num_tokens, num_image_tokens = ids.shape[1], config.image_tokens_per_image
     ratios = [0.0, 0.25, 0.5, 0.75]
     settings = {"no FastV": None, **{f"R={r:.2f}": FastV(args.k, r) for r in ratios}}
@@ -205,7 +222,7 @@ def main(argv=None):
     print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise included); "
           f"the scoring step alone {scoring * 1e3:.2f} ms = {scoring / baseline:.2%} of the prefill")
 
-    twin = None if args.no_transformers else transformers_twin(model, resolve_folder(args.model) if args.model else None)
+    twin = None if args.no_transformers else transformers_twin(model, folder)
     if twin is None:
         print("transformers comparison skipped" + ("" if args.no_transformers else ": transformers is not installed"))
         return
@@ -223,5 +240,9 @@ def main(argv=None):
           f"decode speed {ours['decode'] / theirs['decode']:.2f}x")
 
 
+def command(argv=None):
+    return cli.report_errors(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(command())

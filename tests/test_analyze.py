@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import minifastv
 import minifastv.model as M
 from minifastv import analyze
-from minifastv.__main__ import DEFAULT_IMAGE
+from minifastv.cli import DEFAULT_IMAGE
 from minifastv.image import ImageProcessorConfig, center_crop, load_image, preprocess, resize_shortest_edge
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
 
@@ -25,7 +26,7 @@ NUM_OUTPUT = 5
 
 @pytest.fixture(scope="module")
 def model(hub_checkpoint):
-    return M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    return minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
 
 
 def prompt_and_answer(num_images=1):
@@ -84,14 +85,14 @@ def test_allocation_rows_sum_to_one(model):
 def test_output_rows_are_the_last_rows_of_the_full_matrix(model):
     torch.manual_seed(0)
     queries, keys = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16)  # two query heads per key head
-    rows = analyze.output_attention_rows(queries, keys, 6)  # (1, 4, 6, 30)
+    rows = M.attention_rows(queries, keys, torch.ones(1, 30), num_rows=6)  # (1, 4, 6, 30)
     torch.testing.assert_close(rows.mean(dim=1)[0], analyze.mean_attention_matrix(queries, keys)[-6:])
     assert (rows[0, :, 0, -5:] == 0).all()  # the first output token cannot see the five after it
 
 
 def test_uniform_attention_matches_the_closed_form(hub_checkpoint):
     """With every query zero, all scores are 0: output token p attends 1/(p+1) to each of tokens 0..p."""
-    uniform = M.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
+    uniform = minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
     for layer in uniform.language_model.layers:
         layer.self_attn.q_proj.weight.zero_()
     ids = prompt_and_answer(1)

@@ -1,5 +1,9 @@
-"""The command line end to end, in subprocesses, on a tiny checkpoint with a small Llama-style tokenizer:
-answers with and without FastV, --compare, and one clear sentence with exit code 2 for each bad input."""
+"""The four commands end to end: python -m minifastv (ask), .analyze, .bench and .flops.
+
+Answers with and without FastV and --compare on a tiny checkpoint written by transformers (with a small
+Llama-style tokenizer); --model tiny offline; and for every command every bad input we know of: one
+sentence on one line, exit code 2, no traceback, before any slow work. A real bug keeps its traceback.
+"""
 
 import json
 import os
@@ -11,158 +15,359 @@ from pathlib import Path
 import pytest
 import torch
 
+import minifastv
+import minifastv.checkpoint as checkpoint
 import minifastv.model as M
-from minifastv import __main__ as cli_module
+from minifastv import __main__ as ask
+from minifastv import analyze, bench, cli
+from minifastv.flops import __main__ as flops
 from minifastv.image import ImageProcessorConfig, load_image, preprocess
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
 
-
 ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = {"ask": ask.command, "analyze": analyze.command, "bench": bench.command, "flops": flops.command}
+MODULES = {"ask": "minifastv", "analyze": "minifastv.analyze", "bench": "minifastv.bench", "flops": "minifastv.flops"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(cli_checkpoint):
+def checkpoint_folder(cli_checkpoint):
     return cli_checkpoint
 
 
-def run_cli(*args, env=None):
+def run_module(module, *args, env=None):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "minifastv", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           env=environment, timeout=300)
 
 
-def expected_answer(checkpoint, fastv, prompt="Describe this image.", images=(cli_module.DEFAULT_IMAGE,)):
+def expected_answer(folder, fastv, prompt="Describe this image.", images=(cli.DEFAULT_IMAGE,)):
     """The answer the CLI should print, computed here with the library calls it is made of."""
-    model = M.load(checkpoint, device="cpu", dtype=torch.float32, progress=False)
-    tokenizer = Tokenizer.from_folder(checkpoint)
-    pixels = preprocess([load_image(image) for image in images], ImageProcessorConfig.from_folder(checkpoint))
+    model = minifastv.load(folder, device="cpu", dtype=torch.float32, progress=False)
+    tokenizer = Tokenizer.from_folder(folder)
+    pixels = preprocess([load_image(image) for image in images], ImageProcessorConfig.from_folder(folder))
     ids = encode_prompt(tokenizer, format_prompt(prompt, num_images=len(images)), model.config.image_tokens_per_image)
     return tokenizer.decode(model.generate(ids, pixels, max_new_tokens=6, fastv=fastv)[0].tolist()).strip()
 
 
-def test_default_run_prunes_and_prints_stats(checkpoint):
-    result = run_cli("--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "6")
+# ----------------------------------------------------------------------------------------------------
+# Answers
+
+
+def test_default_run_prunes_and_prints_stats(checkpoint_folder):
+    result = run_module("minifastv", "--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
     answer, _, stats = result.stdout.partition("\n---\n")
-    assert answer.strip() == expected_answer(checkpoint, M.FastV(2, 0.5))
+    assert answer.strip() == expected_answer(checkpoint_folder, M.FastV(2, 0.5))
     assert "FastV K=2, R=0.5: image tokens 36 -> 18 kept" in stats
-    for word in ("prefill", "TFLOPs", "tokens/s", "KV cache"):
+    for word in ("prefill", "GFLOPs", "tokens/s", "KV cache"):
         assert word in stats
     assert "loaded" in result.stderr  # loading reports its progress
 
 
-def test_no_fastv(checkpoint, tmp_path):
+def test_no_fastv(checkpoint_folder, tmp_path):
     image = tmp_path / "wide.png"
-    load_image(cli_module.DEFAULT_IMAGE).resize((300, 120)).save(image)
-    result = run_cli("--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "6", "--no-fastv",
-                     "--image", str(image), "--prompt", "What is this?")
+    load_image(cli.DEFAULT_IMAGE).resize((300, 120)).save(image)
+    result = run_module("minifastv", "--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "6",
+                        "--no-fastv", "--image", str(image), "--prompt", "What is this?")
     assert result.returncode == 0, result.stderr
     answer = result.stdout.partition("\n---\n")[0]
-    assert answer.strip() == expected_answer(checkpoint, None, "What is this?", [image])
+    assert answer.strip() == expected_answer(checkpoint_folder, None, "What is this?", [image])
     assert "no FastV: image tokens 36 -> 36 kept" in result.stdout
 
 
-def test_compare_prints_both(checkpoint):
-    result = run_cli("--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "6", "--compare", "--r", "0.75")
+def test_compare_prints_both(checkpoint_folder):
+    result = run_module("minifastv", "--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "6",
+                        "--compare", "--r", "0.75")
     assert result.returncode == 0, result.stderr
     assert "--- without FastV ---" in result.stdout and "--- with FastV (K=2, R=0.75) ---" in result.stdout
     assert "without FastV" in result.stdout and "| FastV K=2, R=0.75: image tokens 36 -> 9 kept" in result.stdout
-    plain, fast = expected_answer(checkpoint, None), expected_answer(checkpoint, M.FastV(2, 0.75))
+    plain, fast = expected_answer(checkpoint_folder, None), expected_answer(checkpoint_folder, M.FastV(2, 0.75))
     assert plain in result.stdout and fast in result.stdout
-    assert "faster prefill with FastV" in result.stdout
+    assert "prefill with FastV" in result.stdout
 
 
-def test_two_images_with_placeholders(checkpoint, tmp_path):
+def test_compare_says_slower_when_it_was():
+    assert ask.speed_up_sentence(2.0, 1.0) == "2.00x faster prefill with FastV"
+    assert ask.speed_up_sentence(1.0, 1.47) == "1.47x slower prefill with FastV"
+
+
+def test_two_images_with_placeholders(checkpoint_folder, tmp_path):
     second = tmp_path / "gray.png"
-    load_image(cli_module.DEFAULT_IMAGE).convert("L").save(second)
+    load_image(cli.DEFAULT_IMAGE).convert("L").save(second)
     prompt = "First <image> and then <image>: same animal?"
-    result = run_cli("--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "6",
-                     "--image", str(cli_module.DEFAULT_IMAGE), str(second), "--prompt", prompt)
+    result = run_module("minifastv", "--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "6",
+                        "--image", str(cli.DEFAULT_IMAGE), str(second), "--prompt", prompt)
     assert result.returncode == 0, result.stderr
     assert "image tokens 72 -> 36 kept" in result.stdout
     assert result.stdout.partition("\n---\n")[0].strip() == expected_answer(
-        checkpoint, M.FastV(2, 0.5), prompt, [cli_module.DEFAULT_IMAGE, second])
+        checkpoint_folder, M.FastV(2, 0.5), prompt, [cli.DEFAULT_IMAGE, second])
 
 
 def test_help_teaches():
-    result = run_cli("--help")
+    result = run_module("minifastv", "--help")
     assert result.returncode == 0
     for flag in ("--model", "--image", "--prompt", "--k", "--r", "--no-fastv", "--compare", "--max-new-tokens",
-                 "--device", "--dtype", "--seed", "--pad"):
+                 "--device", "--dtype", "--seed", "--pad", "--temperature", "--top-p", "tiny"):
         assert flag in result.stdout
     assert "FastV" in result.stdout and "examples:" in result.stdout
 
 
+def test_sampling_flags_reach_generation(checkpoint_folder, capsys):
+    """--temperature/--top-p/--seed sample; the same seed gives the same answer, a nucleus of ~0 is greedy."""
+    common = ["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "8", "--no-fastv"]
+
+    def answer(*flags):
+        assert ask.command(common + list(flags)) == 0
+        return capsys.readouterr().out.partition("\n---\n")[0]
+
+    greedy = answer()
+    sampled = answer("--temperature", "1.5", "--seed", "3")
+    assert sampled == answer("--temperature", "1.5", "--seed", "3")
+    assert answer("--temperature", "1.5", "--top-p", "0.000001") == greedy
+    assert sampled != greedy  # the tiny model is flat enough that sampling at 1.5 wanders off
+
+
 # ----------------------------------------------------------------------------------------------------
-# Bad input: one sentence on stderr, exit code 2, no traceback. The subprocesses run two at a time.
-
-
-def bad_inputs(checkpoint, tmp_path):
-    not_an_image = tmp_path / "notes.png"
-    not_an_image.write_text("these are not pixels")
-    no_config, no_weights, no_tokenizer = (tmp_path / name for name in ("no-config", "no-weights", "no-tokenizer"))
-    for folder, missing in ((no_config, "config.json"), (no_weights, "model.safetensors"), (no_tokenizer, "tokenizer.json")):
-        folder.mkdir()
-        for file in checkpoint.iterdir():
-            if file.name != missing:
-                (folder / file.name).symlink_to(file)
-    model = ["--model", str(checkpoint), "--device", "cpu"]
-    image = str(cli_module.DEFAULT_IMAGE)
-    return {  # case: (arguments, words the message must hold, extra environment)
-        "missing image": ([*model, "--image", str(tmp_path / "nowhere.jpg")], ["nowhere.jpg"], {}),
-        "not an image": ([*model, "--image", str(not_an_image)], ["notes.png"], {}),
-        "more placeholders": ([*model, "--prompt", "<image> and <image>?"], ["2 <image>", "1 image"], {}),
-        "fewer placeholders": ([*model, "--image", image, image, "--prompt", "<image> what?"], ["1 <image>", "2 image"], {}),
-        "k too small": ([*model, "--k", "0"], ["--k", "between 1 and 3"], {}),
-        "k too large": ([*model, "--k", "4"], ["--k", "between 1 and 3"], {}),
-        "r too large": ([*model, "--r", "1.0"], ["--r", "[0, 1)"], {}),
-        "r negative": ([*model, "--r", "-0.5"], ["--r", "[0, 1)"], {}),
-        "too long": ([*model, "--max-new-tokens", "600"], ["context is 512 tokens"], {}),
-        "unknown device": (["--model", str(checkpoint), "--device", "tpu:0"], ["Unknown device"], {}),
-        "no config": (["--model", str(no_config), "--device", "cpu"], ["config.json"], {}),
-        "no weights": (["--model", str(no_weights), "--device", "cpu"], ["safetensors"], {}),
-        "no tokenizer": (["--model", str(no_tokenizer), "--device", "cpu"], ["tokenizer.json"], {}),
-        "hub unreachable": (["--model", "someone/not-here", "--device", "cpu"], ["someone/not-here", "hub"],
-                            {"MINIFASTV_WEIGHTS": str(tmp_path / "weights")}),
-    }
+# --model tiny: every command, offline
 
 
 @pytest.fixture(scope="module")
-def bad_results(checkpoint, tmp_path_factory):
-    cases = bad_inputs(checkpoint, tmp_path_factory.mktemp("bad"))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_cli, *args, env=env) for name, (args, _, env) in cases.items()}
-    return {name: (futures[name].result(), cases[name][1]) for name in cases}
+def tiny_weights(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights")
 
 
-BAD_CASES = ["missing image", "not an image", "more placeholders", "fewer placeholders", "k too small", "k too large",
-             "r too large", "r negative", "too long", "unknown device", "no config", "no weights", "no tokenizer",
-             "hub unreachable"]
+@pytest.mark.parametrize("command", ["ask", "analyze", "bench"])
+def test_model_tiny_runs_offline(command, tiny_weights, tmp_path):
+    extra = {"ask": ["--max-new-tokens", "4"], "analyze": ["--max-new-tokens", "3", "--out", str(tmp_path)],
+             "bench": ["--repeats", "1", "--no-transformers"]}[command]
+    result = run_module(MODULES[command], "--model", "tiny", "--device", "cpu", *extra,
+                        env={"MINIFASTV_WEIGHTS": str(tiny_weights)})
+    assert result.returncode == 0, result.stderr
+    assert "random text" in result.stderr and len([line for line in result.stderr.splitlines() if "random" in line]) == 1
+    assert (tiny_weights / "tiny" / "model.safetensors").is_file()
+    expected = {"ask": "image tokens 576 -> 288 kept", "analyze": "wrote", "bench": "R=0.50"}[command]
+    assert expected in result.stdout
 
 
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_is_one_clear_sentence(bad_results, case):
-    result, words = bad_results[case]
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(message) == 1, result.stderr
+def test_tiny_checkpoint_is_a_real_llava_hf_folder(tmp_path, monkeypatch):
+    """The files `--model tiny` builds load in transformers too, and give minifastv's logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    from minifastv.tiny import tiny_checkpoint
+
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    folder = tiny_checkpoint()
+    assert folder == tmp_path / "tiny" and tiny_checkpoint() == folder  # built once, then reused
+    ours = minifastv.load(folder, device="cpu", dtype=torch.float32, progress=False)
+    theirs = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_folder(folder)
+    ids = encode_prompt(tokenizer, format_prompt("What is this?"), ours.config.image_tokens_per_image)
+    pixels = preprocess(cli.DEFAULT_IMAGE, ImageProcessorConfig.from_folder(folder))
+    with torch.no_grad():
+        difference = (ours(ids, pixels) - theirs(input_ids=ids, pixel_values=pixels).logits).abs().max().item()
+    assert difference < 1e-4
+    assert ids.eq(ours.config.image_token_id).sum() == 576
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input, for every command: exit code 2 and one sentence, checked before any slow work
+
+
+def broken_copies(folder, root):
+    """Copies of a good checkpoint folder, each with one thing wrong: {name: folder}."""
+    def copy_without(name, *skip):
+        target = root / name
+        target.mkdir()
+        for file in folder.iterdir():
+            if file.name not in skip:
+                (target / file.name).symlink_to(file)
+        return target
+
+    broken = {missing: copy_without(f"no-{missing}", missing)
+              for missing in ("config.json", "model.safetensors", "tokenizer.json")}
+    for name, text in (("config.json", '{"text_config": {"hidden_size": 64,}'),  # a stray comma
+                       ("tokenizer.json", '{"version": "1.0", "model": '),  # cut short
+                       ("preprocessor_config.json", "not json at all")):
+        broken[f"broken {name}"] = copy_without(f"broken-{name}", name)
+        (broken[f"broken {name}"] / name).write_text(text)
+    values = json.loads((folder / "config.json").read_text())
+    values["text_config"]["num_hidden_layers"] = "four"
+    broken["foreign config.json"] = copy_without("foreign-config", "config.json")
+    (broken["foreign config.json"] / "config.json").write_text(json.dumps(values))
+    broken["truncated"] = copy_without("truncated", "model.safetensors")
+    data = (folder / "model.safetensors").read_bytes()
+    (broken["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return broken
+
+
+@pytest.fixture(scope="module")
+def bad_cases(checkpoint_folder, tmp_path_factory):
+    """{(command, case): (arguments, words the one error line must hold)}."""
+    root = tmp_path_factory.mktemp("bad")
+    broken = broken_copies(checkpoint_folder, root)
+    not_an_image = root / "notes.png"
+    not_an_image.write_text("these are not pixels")
+    a_file = root / "a-file.txt"
+    a_file.write_text("not a folder")
+    model = ["--model", str(checkpoint_folder), "--device", "cpu"]
+    image = str(cli.DEFAULT_IMAGE)
+    cases = {}
+    for command in ("ask", "analyze"):
+        cases.update({(command, name): (args, words) for name, (args, words) in {
+            "missing image": ([*model, "--image", str(root / "nowhere.jpg")], ["nowhere.jpg"]),
+            "not an image": ([*model, "--image", str(not_an_image)], ["notes.png"]),
+            "more placeholders": ([*model, "--prompt", "<image> and <image>?"], ["2 <image>", "1 image"]),
+            "fewer placeholders": ([*model, "--image", image, image, "--prompt", "<image> what?"], ["1 <image>", "2 image"]),
+            "k too small": ([*model, "--k", "0"], ["--k", "between 1 and"]),
+            "k too large": ([*model, "--k", "4"], ["--k", "between 1 and 3"]),
+            "k far too large": ([*model, "--k", "99"], ["--k", "between 1 and 3"]),
+            "r too large": ([*model, "--r", "1.0"], ["--r", "[0, 1)"]),
+            "r negative": ([*model, "--r", "-0.5"], ["--r", "[0, 1)"]),
+            "r keeps no image token": ([*model, "--r", "0.99"], ["--r 0.99", "none of", "36 image tokens"]),
+            "no new tokens": ([*model, "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+            "too long": ([*model, "--max-new-tokens", "600"], ["context is 512 tokens"]),
+            "unknown device": (["--model", str(checkpoint_folder), "--device", "tpu:0"], ["Unknown device"]),
+            "nonsense device": (["--model", str(checkpoint_folder), "--device", "nonsense"], ["Unknown device"]),
+            "missing folder": (["--model", str(root / "nope"), "--device", "cpu"], ["no model folder", "nope"]),
+            "missing relative folder": (["--model", "./tiny-llava", "--device", "cpu"], ["no model folder ./tiny-llava"]),
+            "a file": (["--model", str(a_file), "--device", "cpu"], ["a-file.txt", "is a file"]),
+            "hub unreachable": (["--model", "someone/not-here", "--device", "cpu"], ["someone/not-here", "hub"]),
+            "no config": (["--model", str(broken["config.json"]), "--device", "cpu"], ["No config.json"]),
+            "no weights": (["--model", str(broken["model.safetensors"]), "--device", "cpu"], ["No .safetensors"]),
+            "no tokenizer": (["--model", str(broken["tokenizer.json"]), "--device", "cpu"], ["No tokenizer.json"]),
+            "broken config": (["--model", str(broken["broken config.json"]), "--device", "cpu"], ["config.json", "not valid JSON"]),
+            "foreign config": (["--model", str(broken["foreign config.json"]), "--device", "cpu"], ["config.json", "num_hidden_layers"]),
+            "broken tokenizer": (["--model", str(broken["broken tokenizer.json"]), "--device", "cpu"], ["tokenizer.json", "damaged"]),
+            "broken preprocessor": (["--model", str(broken["broken preprocessor_config.json"]), "--device", "cpu"],
+                                    ["preprocessor_config.json", "not valid JSON"]),
+            "truncated weights": (["--model", str(broken["truncated"]), "--device", "cpu"], ["model.safetensors", "truncated"]),
+        }.items()})
+    cases.update({
+        ("ask", "negative temperature"): ([*model, "--temperature", "-1"], ["temperature", "0 (greedy) or more"]),
+        ("ask", "top-p zero"): ([*model, "--temperature", "1", "--top-p", "0"], ["top-p", "(0, 1]"]),
+        ("ask", "top-p above one"): ([*model, "--temperature", "1", "--top-p", "1.5"], ["top-p", "(0, 1]"]),
+        ("ask", "top-p without sampling"): ([*model, "--top-p", "0.9"], ["top-p", "only when sampling"]),
+        ("analyze", "bad heatmap layers"): ([*model, "--heatmap-layers", "one,two"], ["--heatmap-layers"]),
+        ("analyze", "out is a file"): ([*model, "--out", str(a_file)], ["--out", "a-file.txt"]),
+        ("bench", "k too large"): (["--device", "cpu", "--k", "99", "--layers", "3", "--width", "64"], ["--k", "between 1 and 2"]),
+        ("bench", "k too large for the model"): (["--model", str(checkpoint_folder), "--device", "cpu", "--k", "4"],
+                                                 ["--k", "between 1 and 3"]),
+        ("bench", "nonsense device"): (["--device", "nonsense"], ["Unknown device"]),
+        ("bench", "zero repeats"): (["--device", "cpu", "--repeats", "0"], ["--repeats", "at least 1"]),
+        ("bench", "negative text tokens"): (["--device", "cpu", "--text-tokens", "-3"], ["--text-tokens", "at least 1"]),
+        ("bench", "too many text tokens"): (["--device", "cpu", "--text-tokens", "5000", "--layers", "3", "--width", "64"],
+                                            ["--text-tokens 5000", "context"]),
+        ("bench", "one layer"): (["--device", "cpu", "--layers", "1"], ["--layers", "at least 2"]),
+        ("bench", "odd width"): (["--device", "cpu", "--width", "100"], ["--width", "multiple of 64"]),
+        ("bench", "missing folder"): (["--device", "cpu", "--model", "/nope"], ["no model folder /nope"]),
+        ("bench", "truncated weights"): (["--device", "cpu", "--model", str(broken["truncated"])], ["model.safetensors", "truncated"]),
+        ("flops", "unknown config"): (["--config", "70b"], ["--config 70b", "llava-1.5-7b"]),
+        ("flops", "missing config"): (["--config", str(root / "nope.json")], ["--config", "nope.json"]),
+        ("flops", "broken config"): (["--config", str(broken["broken config.json"])], ["config.json", "not valid JSON"]),
+        ("flops", "k too large"): (["--k", "99"], ["--k", "between 1 and 39"]),
+        ("flops", "r one"): (["--r", "1"], ["--r", "[0, 1)"]),
+        ("flops", "r negative"): (["--r", "-1"], ["--r", "[0, 1)"]),
+        ("flops", "negative text tokens"): (["--text-tokens", "-5"], ["--text-tokens", "at least 0"]),
+        ("flops", "no images"): (["--images", "0"], ["--images", "at least 1"]),
+        ("flops", "r keeps no image token"): (["--r", "0.9999"], ["none of", "576 image tokens"]),
+    })
+    if not torch.cuda.is_available():
+        for command in ("ask", "analyze", "bench"):
+            extra = model[:2] if command != "bench" else []
+            cases[(command, "cuda without a GPU")] = ([*extra, "--device", "cuda"], ["no CUDA GPU"])
+    return cases
+
+
+def bad_case_ids():
+    names = ["missing image", "not an image", "more placeholders", "fewer placeholders", "k too small", "k too large",
+             "k far too large", "r too large", "r negative", "r keeps no image token", "no new tokens", "too long",
+             "unknown device", "nonsense device", "missing folder", "missing relative folder", "a file", "hub unreachable",
+             "no config", "no weights", "no tokenizer", "broken config", "foreign config", "broken tokenizer",
+             "broken preprocessor", "truncated weights"]
+    ids = [(command, name) for command in ("ask", "analyze") for name in names]
+    ids += [("ask", name) for name in ("negative temperature", "top-p zero", "top-p above one", "top-p without sampling")]
+    ids += [("analyze", "bad heatmap layers"), ("analyze", "out is a file")]
+    ids += [("bench", name) for name in ("k too large", "k too large for the model", "nonsense device", "zero repeats",
+                                         "negative text tokens", "too many text tokens", "one layer", "odd width",
+                                         "missing folder", "truncated weights")]
+    ids += [("flops", name) for name in ("unknown config", "missing config", "broken config", "k too large", "r one",
+                                         "r negative", "negative text tokens", "no images", "r keeps no image token")]
+    if not torch.cuda.is_available():
+        ids += [(command, "cuda without a GPU") for command in ("ask", "analyze", "bench")]
+    return ids
+
+
+@pytest.mark.parametrize("command, case", bad_case_ids(), ids=lambda value: value.replace(" ", "-"))
+def test_bad_input_is_one_sentence_and_exit_code_2(bad_cases, command, case, capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    args, words = bad_cases[(command, case)]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fail at once
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)  # a hub miss must not find an earlier download
+    monkeypatch.chdir(ROOT)
+    if case not in ("no weights", "truncated weights"):  # argument checks come before the (slow) load; the weights are load's to check
+
+        def too_late(*args):
+            raise AssertionError(f"the model was loaded before the bad input ({case}) was noticed")
+
+        monkeypatch.setattr(cli, "load_model", too_late)
+    assert COMMANDS[command](args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]), err
     for word in words:
-        assert word in message[0], message[0]
+        assert word in errors[0], errors[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
-def test_cuda_asked_without_gpu(checkpoint, capsys):
-    assert cli_module.cli(["--model", str(checkpoint), "--device", "cuda"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+def test_bad_input_exit_code_in_a_real_process(bad_cases, checkpoint_folder):
+    """The same reporter at the process level: `python -m ...` exits with 2 and prints no traceback."""
+    chosen = [("ask", "truncated weights"), ("analyze", "k too large"), ("bench", "zero repeats"), ("flops", "r one")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda key: run_module(MODULES[key[0]], *bad_cases[key][0]), chosen))
+    for key, result in zip(chosen, results):
+        assert result.returncode == 2, (key, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.count("error: ") == 1, (key, result.stderr)
 
 
-def test_out_of_memory_gives_advice(checkpoint, monkeypatch, capsys):
+def test_a_bug_keeps_its_traceback(checkpoint_folder, monkeypatch):
+    """Only minifastv's own errors become one sentence: a ValueError from a broken layer is not one of them."""
+    def broken_mlp(self, x):
+        raise ValueError("a bug in a student's layer")
+
+    monkeypatch.setattr(M.LlamaMLP, "forward", broken_mlp)
+    with pytest.raises(ValueError, match="a bug in a student's layer"):
+        ask.command(["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "2"])
+    script = ("import sys, minifastv.model as M\n"
+              "M.LlamaMLP.forward = lambda self, x: 1 / 0\n"
+              "from minifastv.__main__ import command\n"
+              f"sys.exit(command(['--model', {str(checkpoint_folder)!r}, '--device', 'cpu', '--max-new-tokens', '2']))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_an_error_during_loading_starts_on_a_fresh_line(checkpoint_folder, monkeypatch, capsys):
+    """The progress bar is ended before the message, even when stderr is a pipe (no terminal to redraw on)."""
+    calls = []
+
+    def fails_on_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise minifastv.CheckpointError("the disk went away")
+        return real_read_tensor(*args)
+
+    real_read_tensor = checkpoint.read_tensor
+    monkeypatch.setattr(checkpoint, "read_tensor", fails_on_the_third)
+    assert ask.command(["--model", str(checkpoint_folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "loading" in err and "\nerror: the disk went away\n" in err, err
+
+
+def test_out_of_memory_gives_advice(checkpoint_folder, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(M.Llava, "stream", out_of_memory)
-    assert cli_module.cli(["--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "4"]) == 2
+    assert ask.command(["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "ran out of memory" in err and "--dtype float16" in err and "Traceback" not in err
 
@@ -172,8 +377,8 @@ def test_dtype_auto(monkeypatch):
     a T4 (7.5) gets float16, although torch.cuda.is_bf16_supported() answers yes there (emulation)."""
     from types import SimpleNamespace
 
-    assert cli_module.pick_dtype("auto", torch.device("cpu")) == torch.float32
-    assert cli_module.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert cli.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert cli.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, major=major: SimpleNamespace(major=major))
-        assert cli_module.pick_dtype("auto", torch.device("cuda")) == expected
+        assert cli.pick_dtype("auto", torch.device("cuda")) == expected

@@ -1,0 +1,163 @@
+"""What the four commands share: their common arguments, one way of checking them, device and dtype choice,
+opening the model folder, and the reporter that turns bad input into one sentence and exit code 2.
+
+The commands are python -m minifastv (__main__.py), -m minifastv.analyze, -m minifastv.bench and
+-m minifastv.flops (flops/__main__.py). Each imports this module and none imports another command.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DEFAULT_REPO, default_dtype, load, resolve_folder
+from .errors import CheckpointError, MinifastvError, UsageError
+from .image import ImageProcessorConfig, load_image, preprocess
+from .model import FastV
+from .prompt import Tokenizer, encode_prompt, format_prompt
+from .tiny import TINY_NOTE, tiny_checkpoint
+
+DEFAULT_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea.png"  # the cat photo shipped in the repo
+DTYPES = ["auto", "float16", "bfloat16", "float32"]
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_model_arguments(parser):
+    parser.add_argument("--model", default=DEFAULT_REPO,
+                        help=f"hub repo id or local llava-hf folder (default {DEFAULT_REPO}; downloads land in weights/), "
+                             "or 'tiny': a tiny random model built offline in a second, for trying things out")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser):
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto: bfloat16 on GPUs that have it, float16 on others (T4), float32 on the CPU")
+
+
+def add_fastv_arguments(parser):
+    parser.add_argument("--k", type=int, default=2, help="FastV: the first decoder layer that sees fewer image tokens (default 2)")
+    parser.add_argument("--r", type=float, default=0.5, help="FastV: the share of image tokens to drop, in [0, 1) (default 0.5)")
+
+
+def add_question_arguments(parser, max_new_tokens):
+    parser.add_argument("--image", nargs="+", default=[str(DEFAULT_IMAGE)], metavar="PATH",
+                        help="one or more images, in prompt order (default: a photo of a cat shipped in the repo)")
+    parser.add_argument("--prompt", default="Describe this image.",
+                        help="the question; write <image> where each image goes, or leave it out and the images "
+                             "come first (default: %(default)r)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"at most this many answer tokens (default {max_new_tokens})")
+    parser.add_argument("--pad", action="store_true",
+                        help="pad each image to a square (original LLaVA) instead of center-cropping it (llava-hf)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks: every command asks the same questions the same way, before the (slow) model load
+
+
+def check_at_least(name, value, minimum=1):
+    if value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def check_fastv(k, r, num_layers=None, num_image_tokens=0):
+    """FastV(k, r), checked: call it once before the model folder is known (K >= 1, R in [0, 1)), and again
+    with the model's layer count and the prompt's image tokens (K below the layer count, R keeps a token)."""
+    if k < 1 or (num_layers is not None and k >= num_layers):
+        model = f" for this model ({num_layers} layers)" if num_layers is not None else ""
+        raise UsageError(f"--k must be between 1 and {num_layers - 1 if num_layers else 'the last layer'}{model}, got {k}.")
+    if not 0 <= r < 1:
+        raise UsageError(f"--r is the share of image tokens to drop and must be in [0, 1), got {r}.")
+    if num_image_tokens and round(num_image_tokens * (1 - r)) == 0:
+        raise UsageError(f"--r {r} would keep none of the prompt's {num_image_tokens} image tokens: use a smaller --r.")
+    return FastV(k, r)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"Unknown device {name!r}: use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"Device {name!r} is not supported: use cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"Device {name!r} was asked for, but PyTorch sees no CUDA GPU here: use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    return device
+
+
+def pick_dtype(name, device):
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def model_folder(name):
+    """The folder of --model: 'tiny' (built on first use), a local folder, or a hub repo id (downloaded)."""
+    if name == "tiny":
+        print(TINY_NOTE, file=sys.stderr, flush=True)
+        return tiny_checkpoint()
+    return resolve_folder(name)
+
+
+def encode_question(folder, config, image_paths, prompt, pad, max_new_tokens):
+    """(tokenizer, input_ids (1, T), pixel_values) for a question about images, checked against the model."""
+    tokenizer = Tokenizer.from_folder(folder)
+    if tokenizer.image_token_id != config.image_token_id or tokenizer.vocab_size > config.text.vocab_size:
+        raise CheckpointError(f"tokenizer.json and config.json in {folder} do not belong together: <image> is id "
+                              f"{tokenizer.image_token_id} in one and {config.image_token_id} in the other, "
+                              f"{tokenizer.vocab_size} ids against a vocabulary of {config.text.vocab_size}.")
+    image_config = ImageProcessorConfig.from_folder(folder)
+    size = config.vision.image_size
+    if (image_config.crop_height, image_config.crop_width) != (size, size):
+        raise CheckpointError(f"preprocessor_config.json in {folder} makes {image_config.crop_height} x "
+                              f"{image_config.crop_width} images, but the vision tower takes {size} x {size}.")
+    placeholders = prompt.count("<image>")
+    if placeholders and placeholders != len(image_paths):
+        raise UsageError(f"The prompt has {placeholders} <image> placeholder(s) but {len(image_paths)} image(s) were given.")
+    pixel_values = preprocess([load_image(path) for path in image_paths], image_config, pad=pad)
+    input_ids = encode_prompt(tokenizer, format_prompt(prompt, num_images=len(image_paths)), config.image_tokens_per_image)
+    context = config.text.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > context:
+        raise UsageError(f"The prompt has {input_ids.shape[1]} tokens and --max-new-tokens asks for {max_new_tokens} "
+                         f"more, but the model's context is {context} tokens: use fewer images or tokens.")
+    return tokenizer, input_ids, pixel_values
+
+
+def load_model(folder, device, dtype):
+    """minifastv.load, saying what it loads and how long it took."""
+    print(f"loading {folder} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model = load(folder, device=device, dtype=dtype)
+    print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reporter
+
+
+def report_errors(main, argv=None):
+    """Run a command's main(); minifastv's own errors become one sentence on stderr and exit code 2.
+
+    Only those: any other exception is a bug (in minifastv, or in code you changed) and keeps its
+    traceback, so that you can see where it happened.
+    """
+    try:
+        main(argv)
+    except torch.cuda.OutOfMemoryError:
+        sys.stdout.flush()
+        print("error: the GPU ran out of memory. Try --dtype float16, a smaller --max-new-tokens, fewer images, "
+              "or the 7B model instead of 13B.", file=sys.stderr)
+        return 2
+    except MinifastvError as error:
+        sys.stdout.flush()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
