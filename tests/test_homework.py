@@ -121,6 +121,8 @@ def test_checks_skip_on_the_starters(check_runs):
         for name, outcome, message in cases:
             assert outcome == "skipped", f"{check}::{name} {outcome} on the unfilled starter:\n{output}"
             assert message.startswith(f"fill in {function}() in homework/{starter} first"), message
+        # what the student sees with the README's plain command, no extra flags: the sentence, not just "skipped"
+        assert f"fill in {function}() in homework/{starter} first" in output, output
 
 
 def test_checks_fail_on_wrong_answers(check_runs):
