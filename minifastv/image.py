@@ -9,7 +9,9 @@ Choices where a real file can surprise:
   we rotate, so the model sees what the person saw (transformers' load_image does too, but its image
   processor, handed a PIL image, does not).
 - Transparent pixels (RGBA, LA, P with a transparent color) become white, as in transformers'
-  convert_to_rgb; Pillow's plain convert("RGB") shows whatever color hides under them, often black.
+  convert_to_rgb since 5.21; Pillow's plain convert("RGB") shows whatever color hides under them, often
+  black (the original LLaVA code and transformers up to 5.20 do that). LLaVA's training images have no
+  alpha, so neither is what it was trained on: white is what a person sees in an image viewer.
 - 16-bit images (I;16: 16-bit grayscale PNG or TIFF) keep their high byte (value // 256), as Pillow does
   when it opens a 16-bit RGB PNG. Pillow's convert("RGB"), and so transformers, clips at 255: all white.
   32-bit integer (I) and float (F) images have no fixed range: like transformers we clip them to 0..255.

@@ -2,8 +2,16 @@
 
 transformers is the oracle: CLIPImageProcessorPil (what llava-hf's preprocessor_config.json selects when the
 PIL backend is asked for) and LlavaImageProcessorPil(do_pad=True) for the original LLaVA's pad-to-square.
-The one exception is 16-bit images, where transformers clips nearly every pixel to white: there the tests
-check minifastv's documented choice (keep the high byte, as Pillow's own 16-bit RGB PNG decoder does).
+Both exist from transformers 5.4 on. Two exceptions:
+- 16-bit images, where transformers clips nearly every pixel to white: there the tests check minifastv's
+  documented choice (keep the high byte, as Pillow's own 16-bit RGB PNG decoder does).
+- Transparent images (RGBA, LA, P with a transparent color), where transformers changed its mind: up to 5.20
+  its convert_to_rgb was Pillow's convert("RGB"), which drops alpha and shows whatever color hides under a
+  transparent pixel (as the original LLaVA's Image.open(...).convert("RGB") does); from 5.21 it composites onto
+  white, which is what minifastv documents. So the expected pixels are written out by hand with numpy from
+  that rule (out = round(alpha / 255 * color + (1 - alpha / 255) * 255)), and transformers, given that RGB
+  image, is the oracle for every later step, on any version. On 5.21+ the processor given the transparent
+  image itself must also agree bit for bit; before 5.21 the tests check that it differs only by dropping alpha.
 """
 
 import struct
@@ -22,6 +30,7 @@ REFERENCE_CONFIG = REFERENCE / "llava-1.5-7b-hf" / "preprocessor_config.json"
 LLAVA_HF_SIZES = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})  # the rest: CLIP defaults
 SIZES = [(337, 200), (200, 337), (1, 1), (17, 999), (1000, 1000), (336, 336), (3, 2)]  # (width, height)
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK", "I", "F"]
+HF_WHITE_SINCE = (5, 21)  # the first transformers whose convert_to_rgb composites transparency onto white (see top)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,6 +73,66 @@ def hf_pixel_values(processor, image):
     return torch.from_numpy(np.stack(processor(image)["pixel_values"]))  # (1, 3, 336, 336)
 
 
+def hf_composites_onto_white():
+    """True on transformers 5.21+, whose convert_to_rgb composites transparency onto white; before: it drops alpha."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release[:2] >= HF_WHITE_SINCE
+
+
+def is_transparent(image):
+    return image.mode in ("RGBA", "LA") or image.info.get("transparency") is not None
+
+
+def on_white_by_hand(image):
+    """minifastv's rule for an RGBA, LA or P(+transparency) image, in numpy: each pixel over an opaque white page.
+
+    out = round(alpha / 255 * color + (1 - alpha / 255) * 255), in integers as round((alpha * color + (255 - alpha)
+    * 255) / 255): the divisor is odd, so there are no ties to break.
+    """
+    if image.mode == "P":  # palette indices -> colors; the transparent index (or a tRNS table) gives alpha
+        index = np.array(image).astype(np.int64)
+        color = np.array(image.getpalette("RGB"), dtype=np.int64).reshape(-1, 3)[index]
+        transparency = image.info.get("transparency")
+        if isinstance(transparency, bytes):  # one alpha per palette entry; entries past the table are opaque
+            table = np.full(256, 255, dtype=np.int64)
+            table[: len(transparency)] = np.frombuffer(transparency, dtype=np.uint8)
+            alpha = table[index]
+        else:
+            alpha = np.where(index == transparency, 0, 255)
+    elif image.mode == "LA":
+        values = np.array(image).astype(np.int64)
+        color, alpha = np.repeat(values[..., :1], 3, axis=-1), values[..., 1]
+    else:
+        assert image.mode == "RGBA", image.mode
+        values = np.array(image).astype(np.int64)
+        color, alpha = values[..., :3], values[..., 3]
+    alpha = alpha[..., None]
+    out = (alpha * color + (255 - alpha) * 255 + 127) // 255  # + 127 then floor: round to nearest
+    return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
+def rgb_list(image):
+    """An RGB image's pixels as a list of (r, g, b), row by row (Pillow 13 deprecates getdata)."""
+    return [tuple(pixel) for pixel in np.array(image).reshape(-1, 3).tolist()]
+
+
+def assert_matches_reference(processor, image, what, pad=False):
+    """preprocess(image) bit for bit against transformers; a transparent image goes through the rule at the top."""
+    ours = preprocess(image, pad=pad)
+    if not is_transparent(image):
+        assert_same(ours, hf_pixel_values(processor, image), what)
+        return
+    # every version: our alpha rule by hand, then transformers' resize, crop (or pad), rescale and normalize
+    assert_same(ours, hf_pixel_values(processor, on_white_by_hand(image)), f"{what} (onto white by hand)")
+    theirs = hf_pixel_values(processor, image)
+    if hf_composites_onto_white():
+        assert_same(ours, theirs, what)
+    else:  # transformers <= 5.20: Pillow's convert("RGB") drops alpha; nothing else in the pipeline differs
+        assert_same(theirs, hf_pixel_values(processor, image.convert("RGB")), f"{what}: transformers drops alpha")
+
+
 def assert_same(ours, expected, what):
     assert ours.shape == expected.shape == (1, 3, 336, 336), f"{what}: {tuple(ours.shape)}, {tuple(expected.shape)}"
     assert ours.dtype == expected.dtype == torch.float32
@@ -98,7 +167,7 @@ def test_every_size_matches_clip_image_processor(clip_processor, width, height):
 def test_every_mode_matches_clip_image_processor(clip_processor, mode):
     for width, height in [(337, 200), (200, 337), (1, 1), (17, 99)]:
         image = random_image(mode, width, height, seed=width * 1000 + height)
-        assert_same(preprocess(image), hf_pixel_values(clip_processor, image), f"{mode} {width}x{height}")
+        assert_matches_reference(clip_processor, image, f"{mode} {width}x{height}")
 
 
 @pytest.mark.parametrize("mode, suffix", [("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGBA", "png"),
@@ -107,26 +176,60 @@ def test_files_match_clip_image_processor(clip_processor, tmp_path, mode, suffix
     path = tmp_path / f"photo.{suffix}"
     random_image(mode, 401, 257).save(path)
     # transformers gets the opened PIL image: given the path, its load_image would drop alpha (see below)
-    assert_same(preprocess(path), hf_pixel_values(clip_processor, Image.open(path)), f"{mode} {suffix}")
+    opened = Image.open(path)
+    assert is_transparent(opened) == (mode in ("RGBA", "LA", "P+transparency"))  # the file kept its alpha
+    assert_same(preprocess(path), preprocess(opened), f"{mode} {suffix}: path and opened image")
+    assert_matches_reference(clip_processor, opened, f"{mode} {suffix}")
 
 
 def test_transparent_pixels_become_white(clip_processor):
     image = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # black, but fully transparent
     config = ImageProcessorConfig()
     white = (1 - torch.tensor(config.image_mean)) / torch.tensor(config.image_std)
+    black = (0 - torch.tensor(config.image_mean)) / torch.tensor(config.image_std)
     torch.testing.assert_close(preprocess(image)[0, :, 100, 100], white)
+    # transformers' processor agrees from 5.21 on; before, its convert_to_rgb showed the hidden black (see top)
+    theirs = hf_pixel_values(clip_processor, image)[0, :, 100, 100]
+    torch.testing.assert_close(theirs, white if hf_composites_onto_white() else black)
     # surprising: transformers' load_image (used when the processor gets a path) drops alpha instead
     from transformers.image_utils import load_image as hf_load_image
 
     assert hf_load_image(image).getpixel((0, 0)) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("mode, pixels, expected", [
+    # (color, alpha) -> round(alpha / 255 * color + (1 - alpha / 255) * 255), worked out by hand
+    ("RGBA", [(0, 0, 0, 0), (10, 200, 30, 255), (0, 0, 0, 128), (255, 0, 100, 128), (90, 60, 30, 1)],
+     [(255, 255, 255), (10, 200, 30), (127, 127, 127), (255, 127, 177), (254, 254, 254)]),
+    ("LA", [(0, 0), (77, 255), (0, 128), (200, 51)],
+     [(255, 255, 255), (77, 77, 77), (127, 127, 127), (244, 244, 244)]),
+])
+def test_partly_transparent_pixels_are_blended_onto_white(mode, pixels, expected):
+    """The rule at each level of alpha, on literal values: half-transparent black is mid-gray, not black or white."""
+    image = Image.new(mode, (len(pixels), 1))
+    image.putdata(pixels)
+    assert rgb_list(load_image(image)) == expected
+    assert rgb_list(on_white_by_hand(image)) == expected  # the helper the other tests trust
+
+
+def test_transparent_palette_color_becomes_white():
+    image = Image.new("P", (3, 1))
+    image.putpalette([250, 0, 0, 0, 250, 0, 0, 0, 250])  # index 0 red, 1 green, 2 blue
+    image.putdata([0, 1, 2])
+    image.info["transparency"] = 1  # green is the see-through color
+    assert rgb_list(load_image(image)) == [(250, 0, 0), (255, 255, 255), (0, 0, 250)]
+    # a PNG tRNS table: red half-transparent, green opaque, blue past the end of the table so opaque too
+    image.info["transparency"] = bytes([128, 255])
+    assert rgb_list(load_image(image)) == [(252, 127, 127), (0, 250, 0), (0, 0, 250)]
+    assert rgb_list(on_white_by_hand(image)) == [(252, 127, 127), (0, 250, 0), (0, 0, 250)]
+
+
 @pytest.mark.parametrize("width, height", [(337, 200), (200, 337), (336, 336), (3, 2), (1, 1), (17, 999)])
 def test_pad_to_square_matches_llava_image_processor(llava_pad_processor, width, height):
+    """RGB against transformers directly; RGBA: made opaque onto white first, then padded with the mean color."""
     for mode in ("RGB", "RGBA"):
         image = random_image(mode, width, height)
-        expected = hf_pixel_values(llava_pad_processor, image)
-        assert_same(preprocess(image, pad=True), expected, f"pad {mode} {width}x{height}")
+        assert_matches_reference(llava_pad_processor, image, f"pad {mode} {width}x{height}", pad=True)
 
 
 def test_pad_fills_with_the_mean_color():
