@@ -58,7 +58,7 @@ def test_tutorial_excerpt_is_copied_verbatim_from_the_source(index):
         return
     n = len(lines)
     found = []
-    for path in sorted((ROOT / "minifastv").glob("*.py")):
+    for path in sorted((ROOT / "minifastv").rglob("*.py")):
         source = [line.rstrip() for line in path.read_text().splitlines()]
         if any(source[start : start + n] == lines for start in range(len(source) - n + 1)):
             found.append(path.name)
@@ -84,29 +84,42 @@ def test_readme_test_command_is_what_ci_runs():
     assert readme_tests[0] == ci_tests[-1]
 
 
-def test_readme_install_command_and_ci_install_the_requirements():
-    assert "pip install -r requirements.txt" in readme_commands()
-    ci = commands((ROOT / ".ci" / "run").read_text())
-    assert any(command.endswith("pip install -r requirements.txt") for command in ci)
+def pip_installs(lines):
+    """The `pip install ...` commands among command lines, written the way README writes them."""
+    return [line.removeprefix("python -m ") for line in lines if line.removeprefix("python -m ").startswith("pip install")]
 
 
-def requirements():
-    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    return [line for line in lines if line]
+def test_readme_install_commands_are_what_ci_runs():
+    """README's install commands run in CI as written (CI adds the pinned CPU torch before them)."""
+    readme = pip_installs(readme_commands())
+    assert "pip install -r requirements.txt" in readme and "pip install -r requirements-test.txt" in readme
+    ci = pip_installs(commands((ROOT / ".ci" / "run").read_text()))
+    assert set(readme) <= set(ci), f"README installs {readme}, CI runs {ci}"
+    assert ci[0].startswith("pip install torch=="), "CI installs its pinned CPU torch first"
 
 
-def test_requirements_parse_and_admit_the_torch_that_ci_installs_first():
+def requirements(name):
     packaging = pytest.importorskip("packaging.requirements")
-    parsed = {}
-    for line in requirements():
-        requirement = packaging.Requirement(line)  # raises on a malformed line
-        parsed[requirement.name.lower()] = requirement
-    assert {"torch", "safetensors", "tokenizers", "huggingface-hub", "pillow", "pytest", "transformers"} <= set(parsed)
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    return {requirement.name.lower(): requirement for requirement in map(packaging.Requirement, filter(None, lines))}
+
+
+def test_runtime_requirements_hold_the_runtime_packages_only():
+    runtime, tests = requirements("requirements.txt"), requirements("requirements-test.txt")
+    assert set(runtime) == {"torch", "safetensors", "tokenizers", "huggingface-hub", "pillow", "tqdm"}
+    assert {"pytest", "transformers"} <= set(tests) and not set(tests) & set(runtime)
     ci_torch = re.search(r"pip install torch==(\S+)", (ROOT / ".ci" / "run").read_text())
     assert ci_torch, ".ci/run should install a pinned torch before requirements.txt"
     # The pinned release must satisfy the range, or pip would replace it with a (CUDA) download.
-    assert parsed["torch"].specifier.contains(ci_torch.group(1), prereleases=True)
-    assert parsed["torch"].specifier.contains("2.13.0")
+    assert runtime["torch"].specifier.contains(ci_torch.group(1), prereleases=True)
+
+
+def test_the_runtime_imports_no_test_package():
+    """Nothing in minifastv/ imports pytest or transformers at import time: Colab installs requirements.txt only."""
+    for path in (ROOT / "minifastv").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                assert not re.match(r"(import|from) (pytest|transformers)\b", line), f"{path.name}: {line}"
 
 
 def test_readme_python_example_runs(cli_checkpoint, capsys, monkeypatch):
@@ -132,7 +145,7 @@ def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
     the benchmark. Later flags win in argparse: only the model, the sizes and the files change."""
     import importlib
 
-    from minifastv.__main__ import DEFAULT_IMAGE
+    from minifastv.cli import DEFAULT_IMAGE
 
     tiny = ["--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4"]
     small = {
@@ -145,7 +158,7 @@ def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
     module_commands = [shlex.split(c, comments=True) for c in doc_commands(path) if c.startswith("python -m minifastv")]
     assert module_commands and all(words[2] in small for words in module_commands), module_commands
     for words in module_commands:
-        module = importlib.import_module(words[2] + (".__main__" if words[2] == "minifastv" else ""))
+        module = importlib.import_module(words[2] + (".__main__" if words[2] in ("minifastv", "minifastv.flops") else ""))
         module.main(words[3:] + small[words[2]])
         assert capsys.readouterr().out
 
@@ -163,3 +176,32 @@ def test_readme_colab_commands_fit_together():
     clone, cd = shlex.split(lines[0]), shlex.split(lines[1])
     assert clone[:2] == ["git", "clone"] and cd == ["cd", clone[-1]]
     assert lines[2] == "pip install -r requirements.txt" and lines[3].startswith("python -m minifastv")
+
+
+def test_one_repository_url():
+    """minifastv.REPOSITORY_URL is the one place; README's badge and clone command and the notebook repeat it."""
+    import json
+
+    from minifastv import REPOSITORY_URL
+
+    owner_and_name = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+)", REPOSITORY_URL).group(1)
+    readme = (ROOT / "README.md").read_text()
+    badge = f"https://colab.research.google.com/github/{owner_and_name}/blob/main/tutorial.ipynb"
+    assert f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({badge})" in readme
+    clones = [line for line in readme_commands() if line.startswith("git clone")]
+    assert clones and all(shlex.split(line)[2] == REPOSITORY_URL for line in clones), clones
+    notebook = json.loads((ROOT / "tutorial.ipynb").read_text())
+    setup = "".join(next(cell["source"] for cell in notebook["cells"] if cell["cell_type"] == "code"))
+    assert re.search(r'^REPO_URL = "([^"]+)"', setup, flags=re.MULTILINE).group(1) == REPOSITORY_URL
+    assert ("OWNER" in REPOSITORY_URL) == ('"OWNER" in REPO_URL' in setup), "the notebook must know the placeholder"
+
+
+def test_bench_numbers_say_how_they_were_made():
+    """Wherever the docs quote the bench's medians, they say the bench's default number of repeats."""
+    from minifastv import bench
+
+    repeats = bench.parse_args([]).repeats
+    for path in ("README.md", "tutorial.md"):
+        claims = re.findall(r"median of (\d+)", (ROOT / path).read_text())
+        assert claims, f"{path} quotes no bench numbers"
+        assert all(int(claim) == repeats for claim in claims), f"{path} says median of {claims}, the bench runs {repeats}"
