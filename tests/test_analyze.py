@@ -50,6 +50,8 @@ def test_class_split_of_a_built_prompt(num_images, expected):
     assert class_counts(prompt_and_answer(num_images), IMAGE_TOKEN, NUM_OUTPUT) == expected
 
 
+@pytest.mark.skipif(not (REFERENCE / "llava-1.5-7b-hf" / "tokenizer.json").is_file(),
+                    reason="the real tokenizer is in ../shared/reference, which is not present")
 @pytest.mark.parametrize("num_images, expected", [(1, [5, 576, 12, 3]), (2, [5, 1152, 14, 3])])
 def test_class_split_of_llava_hf_prompts(num_images, expected):
     """With the real tokenizer: "system" is <s> ▁US ER : ▁ (llava-hf has no system prompt)."""
