@@ -333,7 +333,8 @@ def main(argv=None, out=None):
     config = read_config(folder)
     tokenizer, input_ids, pixel_values = cli.encode_question(folder, config, args.image, args.prompt, args.pad,
                                                              args.max_new_tokens)
-    fastv = cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, input_ids.eq(config.image_token_id).sum().item())
+    num_image_tokens = len(args.image) * config.image_tokens_per_image
+    fastv = cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image_tokens)
     layers = heatmap_layers(args.heatmap_layers, config.text.num_hidden_layers)
     out_folder = output_folder(args.out)
     model = cli.load_model(folder, device, cli.pick_dtype(args.dtype, device))

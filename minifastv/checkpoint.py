@@ -71,8 +71,12 @@ def check_config(config):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < text.vocab_size:
             raise CheckpointError(f"{name} must be a token id below the vocabulary size {text.vocab_size}, got {value!r}.")
-    if text.num_attention_heads % text.num_key_value_heads or vision.hidden_size % vision.num_attention_heads:
-        raise CheckpointError("the attention heads do not divide the widths (num_attention_heads, num_key_value_heads).")
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise CheckpointError(f"num_attention_heads {text.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {text.num_key_value_heads}.")
+    if vision.hidden_size % vision.num_attention_heads:
+        raise CheckpointError(f"the vision tower's hidden_size {vision.hidden_size} does not split into "
+                              f"{vision.num_attention_heads} heads.")
     if vision.image_size < vision.patch_size:
         raise CheckpointError(f"image_size {vision.image_size} is smaller than one patch ({vision.patch_size}).")
     if not -vision.num_hidden_layers - 1 <= config.vision_feature_layer <= vision.num_hidden_layers:

@@ -15,7 +15,7 @@ from .checkpoint import DEFAULT_REPO, default_dtype, load, resolve_folder
 from .errors import CheckpointError, MinifastvError, UsageError
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import Tokenizer, encode_prompt, format_prompt
+from .prompt import Tokenizer, count_images, encode_prompt, format_prompt
 from .tiny import TINY_NOTE, tiny_checkpoint
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea.png"  # the cat photo shipped in the repo
@@ -68,9 +68,10 @@ def check_at_least(name, value, minimum=1):
 def check_fastv(k, r, num_layers=None, num_image_tokens=0):
     """FastV(k, r), checked: call it once before the model folder is known (K >= 1, R in [0, 1)), and again
     with the model's layer count and the prompt's image tokens (K below the layer count, R keeps a token)."""
-    if k < 1 or (num_layers is not None and k >= num_layers):
-        model = f" for this model ({num_layers} layers)" if num_layers is not None else ""
-        raise UsageError(f"--k must be between 1 and {num_layers - 1 if num_layers else 'the last layer'}{model}, got {k}.")
+    if k < 1:
+        raise UsageError(f"--k is the first decoder layer that sees fewer image tokens and must be at least 1, got {k}.")
+    if num_layers is not None and k >= num_layers:
+        raise UsageError(f"--k must be between 1 and {num_layers - 1} for this model ({num_layers} layers), got {k}.")
     if not 0 <= r < 1:
         raise UsageError(f"--r is the share of image tokens to drop and must be in [0, 1), got {r}.")
     if num_image_tokens and round(num_image_tokens * (1 - r)) == 0:
@@ -118,7 +119,7 @@ def encode_question(folder, config, image_paths, prompt, pad, max_new_tokens):
     if (image_config.crop_height, image_config.crop_width) != (size, size):
         raise CheckpointError(f"preprocessor_config.json in {folder} makes {image_config.crop_height} x "
                               f"{image_config.crop_width} images, but the vision tower takes {size} x {size}.")
-    placeholders = prompt.count("<image>")
+    placeholders = count_images(prompt)
     if placeholders and placeholders != len(image_paths):
         raise UsageError(f"The prompt has {placeholders} <image> placeholder(s) but {len(image_paths)} image(s) were given.")
     pixel_values = preprocess([load_image(path) for path in image_paths], image_config, pad=pad)

@@ -218,7 +218,7 @@ def bad_cases(checkpoint_folder, tmp_path_factory):
             "not an image": ([*model, "--image", str(not_an_image)], ["notes.png"]),
             "more placeholders": ([*model, "--prompt", "<image> and <image>?"], ["2 <image>", "1 image"]),
             "fewer placeholders": ([*model, "--image", image, image, "--prompt", "<image> what?"], ["1 <image>", "2 image"]),
-            "k too small": ([*model, "--k", "0"], ["--k", "between 1 and"]),
+            "k too small": ([*model, "--k", "0"], ["--k", "at least 1"]),
             "k too large": ([*model, "--k", "4"], ["--k", "between 1 and 3"]),
             "k far too large": ([*model, "--k", "99"], ["--k", "between 1 and 3"]),
             "r too large": ([*model, "--r", "1.0"], ["--r", "[0, 1)"]),

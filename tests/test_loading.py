@@ -367,7 +367,7 @@ def test_a_broken_json_file_is_named(hub_checkpoint, tmp_path, name):
     (lambda values: values["text_config"].update(num_hidden_layers="four"), ["num_hidden_layers", "integer", "'four'"]),
     (lambda values: values["text_config"].update(hidden_size=0), ["hidden_size", "positive"]),
     (lambda values: values["text_config"].update(num_attention_heads=0), ["num_attention_heads", "positive"]),
-    (lambda values: values["text_config"].update(num_key_value_heads=3), ["heads"]),
+    (lambda values: values["text_config"].update(num_key_value_heads=3), ["not a multiple of num_key_value_heads 3"]),
     (lambda values: values["vision_config"].update(layer_norm_eps=float("nan")), ["layer_norm_eps"]),
     (lambda values: values.update(image_token_index=10**6), ["image_token_id", "vocabulary"]),
     (lambda values: values.update(vision_feature_layer=-9), ["vision_feature_layer"]),
