@@ -6,10 +6,12 @@
 """
 
 from .checkpoint import load
-from .errors import CheckpointError, ImageError, MinifastvError, SettingsError, UsageError
+from .errors import CheckpointError, ImageError, MinifastvError, SettingsError, UsageError, VideoError
 from .generation import GenerationStats, Sampling
 from .model import FastV, KVCache, Llava, LlavaConfig, PruningInputs, attention_rows, fastv_rule
 
+__all__ = ["CheckpointError", "FastV", "GenerationStats", "ImageError", "KVCache", "Llava", "LlavaConfig", "MinifastvError",
+           "PruningInputs", "Sampling", "SettingsError", "UsageError", "VideoError", "attention_rows", "fastv_rule", "load"]
 __version__ = "0.1.0"
 # Where the project lives. README.md's Colab badge and clone command, and tutorial.ipynb's REPO_URL, repeat
 # it (tests/test_docs.py checks that they agree); "OWNER" marks it as the placeholder it still is.

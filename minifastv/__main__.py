@@ -2,12 +2,10 @@
 
 import argparse
 import sys
-from types import SimpleNamespace
 
 import torch
 
 from . import cli
-from .checkpoint import read_config
 from .generation import GenerationStats, Sampling
 
 DESCRIPTION = """\
@@ -24,6 +22,7 @@ examples:
   python -m minifastv --compare                           # with and without FastV, side by side
   python -m minifastv --k 3 --r 0.75 --max-new-tokens 32  # prune harder, a bit later
   python -m minifastv --image a.png b.png --prompt "<image> then <image>: what changed?"
+  python -m minifastv --model LanguageBind/Video-LLaVA-7B-hf --video clip.gif --prompt "What happens?"
 """
 
 
@@ -44,21 +43,11 @@ def parse_args(argv):
 
 
 def prepare(args):
-    """Check every input before the (slow) model load; return what generation needs."""
-    use_fastv = args.compare or not args.no_fastv
-    if use_fastv:
-        cli.check_fastv(args.k, args.r)  # what can be checked without the model, before a download
-    cli.check_at_least("--max-new-tokens", args.max_new_tokens)
+    """Check every input before the (slow) model load; return what generation needs (see cli.prepare_question)."""
     sampling = Sampling(args.temperature, args.top_p, args.seed)
-    device = cli.pick_device(args.device)
-    folder = cli.model_folder(args.model)
-    config = read_config(folder)
-    tokenizer, input_ids, pixel_values = cli.encode_question(folder, config, args.image, args.prompt, args.pad,
-                                                             args.max_new_tokens)
-    num_image_tokens = len(args.image) * config.image_tokens_per_image
-    fastv = cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image_tokens) if use_fastv else None
-    return SimpleNamespace(device=device, dtype=cli.pick_dtype(args.dtype, device), folder=folder, tokenizer=tokenizer,
-                           input_ids=input_ids, pixel_values=pixel_values, fastv=fastv, sampling=sampling)
+    question = cli.prepare_question(args, use_fastv=args.compare or not args.no_fastv)
+    question.sampling = sampling
+    return question
 
 
 def run(model, question, fastv, max_new_tokens, out):
@@ -66,8 +55,8 @@ def run(model, question, fastv, max_new_tokens, out):
     stats = GenerationStats()
     decoder = question.tokenizer.stream_decoder()
     pieces = []
-    for token in model.stream(question.input_ids, question.pixel_values, max_new_tokens=max_new_tokens, fastv=fastv,
-                              sampling=question.sampling, stats=stats):
+    for token in model.stream(question.input_ids, question.pixel_values, question.pixel_values_videos,
+                              max_new_tokens=max_new_tokens, fastv=fastv, sampling=question.sampling, stats=stats):
         piece = decoder.push(int(token[0]))
         pieces.append(piece)
         print(piece, end="", flush=True, file=out)
@@ -85,8 +74,9 @@ def stats_lines(stats):
     """The numbers of one run, one per line."""
     flops = stats.flops
     fastv = f"FastV K={stats.k}, R={stats.r}" if stats.k is not None else "no FastV"
+    kinds = {0: "image", stats.image_tokens: "video"}.get(stats.video_tokens, "image and video")
     return [
-        f"{fastv}: image tokens {stats.image_tokens} -> {stats.image_tokens_kept} kept",
+        f"{fastv}: {kinds} tokens {stats.image_tokens} -> {stats.image_tokens_kept} kept",
         f"prefill {stats.prefill_seconds:.2f} s, {flops_text(flops['exact'])} "
         f"({flops['exact_ratio']:.0%} of unpruned; paper formula {flops['paper_ratio']:.0%})",
         f"decode {stats.decode_tokens_per_second:.1f} tokens/s ({stats.decode_tokens} tokens)",
@@ -111,10 +101,10 @@ def main(argv=None, out=None):
     out = out or sys.stdout  # looked up now, not at import: tests and notebooks replace sys.stdout
     args = parse_args(argv)
     question = prepare(args)
-    model = cli.load_model(question.folder, question.device, question.dtype)
+    model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
     if args.compare:
         with torch.inference_mode():  # warm up (kernels, allocator) so that neither run pays for it in the timings
-            model(question.input_ids, question.pixel_values, last_logits_only=True)
+            model(question.input_ids, question.pixel_values, question.pixel_values_videos, last_logits_only=True)
         print("--- without FastV ---", file=out)
         answer_plain, stats_plain = run(model, question, None, args.max_new_tokens, out)
         print(f"--- with FastV (K={args.k}, R={args.r}) ---", file=out)

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from . import cli
-from .checkpoint import read_config
 from .errors import UsageError
 from .image import ImageProcessorConfig
-from .model import FastV, attention_rows, causal_padding_mask, fastv_rule
+from .model import FastV, attention_rows, causal_padding_mask, fastv_rule, visual_layout
 from .rules import grid_rule, no_rope_rule, random_rule
 
 # The paper's four token classes. llava-hf's template has no system prompt, so "system" is what comes
@@ -38,14 +37,15 @@ DIM = 0.3  # a pruned patch keeps 30% of its brightness
 # 1. Attention allocation: the answer tokens' attention rows only, one layer at a time.
 
 
-def token_classes(input_ids, image_token_id, num_output):
+def token_classes(input_ids, visual_token_ids, num_output):
     """The class of every token of prompt + answer: (T,) indices into CLASSES.
 
-    system: every token before the first image. image: every <image> token. instruction: the other
+    system: every token before the first image. image: every <image> token, and every <video> token of
+    Video-LLaVA (visual_token_ids: the one id or both; FastV prunes them as one pool). instruction: the other
     prompt tokens after the first image, "ASSISTANT:" included. output: the last num_output tokens.
     """
     ids = input_ids.reshape(-1).cpu()  # one sequence
-    is_image = ids == image_token_id
+    is_image = torch.isin(ids, torch.tensor(visual_token_ids).reshape(-1))
     if not bool(is_image.any()):
         raise ValueError("The attention analysis needs at least one image in the prompt.")
     classes = torch.full_like(ids, CLASSES.index("instruction"))
@@ -78,15 +78,15 @@ class AttentionAllocation:
 
 
 @torch.inference_mode()
-def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_layers=()):
+def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_layers=(), pixel_values_videos=None):
     """Run the decoder once over prompt + answer (1, T); per layer, keep only the four class shares.
 
     The same steps as Llava.forward, without cache or FastV: embed, rotary angles, mask, layers.
     """
-    classes = token_classes(input_ids, model.config.image_token_id, num_output).to(model.device)
+    classes = token_classes(input_ids, model.config.visual_token_ids, num_output).to(model.device)
     one_hot = F.one_hot(classes, len(CLASSES)).float()  # (T, 4)
     input_ids = input_ids.to(model.device)
-    x = model.embed(input_ids, pixel_values)  # (1, T, C)
+    x = model.embed(input_ids, pixel_values, pixel_values_videos)  # (1, T, C)
     positions = torch.arange(input_ids.shape[1], device=model.device)[None]  # (1, T): no padding
     cos, sin = model.rope(positions, x.dtype)  # (1, 1, T, D)
     mask = causal_padding_mask(torch.ones_like(input_ids), input_ids.shape[1])  # None: plain causal
@@ -225,25 +225,29 @@ def preprocessed_image(pixels, image_config):
 
 
 @torch.inference_mode()
-def kept_image_tokens(model, input_ids, pixel_values, fastv):
-    """(N_kept,) indices into the prompt's image tokens that FastV keeps, sorted: a prefill, no cache."""
+def kept_image_tokens(model, input_ids, pixel_values, fastv, pixel_values_videos=None):
+    """(N_kept,) indices into the prompt's image (and video) tokens that FastV keeps, sorted: a prefill, no cache."""
     chosen = []
 
     def remember(inputs):  # the rule's answer, on its way to the FastV step
         chosen.append(fastv.rule(inputs))
         return chosen[-1]
 
-    model(input_ids, pixel_values, fastv=FastV(fastv.k, fastv.r, rule=remember), last_logits_only=True)
+    model(input_ids, pixel_values, pixel_values_videos, fastv=FastV(fastv.k, fastv.r, rule=remember), last_logits_only=True)
     return chosen[0][0].sort().values.cpu()
 
 
-def kept_patch_grids(kept, num_images, grid_size, tokens_per_image):
-    """(num_images, grid, grid) bool, True where the patch's token was kept; image i owns [i*n, (i+1)*n)."""
-    image, patch = kept // tokens_per_image, kept % tokens_per_image - (tokens_per_image - grid_size**2)
-    patch_tokens = patch >= 0  # with the "full" feature strategy, token 0 of each image is CLS: no patch
-    is_kept = torch.zeros(num_images * grid_size**2, dtype=torch.bool)
-    is_kept[image[patch_tokens] * grid_size**2 + patch[patch_tokens]] = True
-    return is_kept.view(num_images, grid_size, grid_size)  # row = patch // grid, column = patch % grid
+def kept_patch_grids(kept, input_ids, config):
+    """(pictures, grid, grid) bool, True where a patch's token was kept: the images, then every video frame."""
+    visual_ids = input_ids.reshape(-1)[torch.isin(input_ids.reshape(-1), torch.tensor(config.visual_token_ids))]
+    is_video, frame, patch = (part[0] for part in visual_layout(visual_ids[None].cpu(), config))  # (N,) each
+    num_images = int((~is_video).sum()) // config.image_tokens_per_image
+    picture = torch.where(is_video, num_images + frame, frame)  # images first, then the frames in order
+    grid = config.vision.grid_size
+    is_kept = torch.zeros(int(picture.max()) + 1, grid * grid, dtype=torch.bool)
+    kept = kept[patch[kept] >= 0]  # a CLS token stands for no patch
+    is_kept[picture[kept], patch[kept]] = True
+    return is_kept.view(-1, grid, grid)  # row = patch // grid, column = patch % grid
 
 
 def kept_patches_panel(image, is_kept):
@@ -262,21 +266,24 @@ def kept_patches_panel(image, is_kept):
     return panel
 
 
-def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES):
-    """One column per rule, one row per image: the patches FastV(k, r, rule) keeps, the pruned ones dimmed."""
-    grid_size, per_image = model.config.vision.grid_size, model.config.image_tokens_per_image
-    images = [preprocessed_image(pixels, image_config) for pixels in pixel_values]
-    side = images[0].width
+def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES, pixel_values_videos=None):
+    """One column per rule, one row per image and video frame: the patches FastV(k, r, rule) keeps, the pruned
+    ones dimmed."""
+    pictures = [] if pixel_values is None else list(pixel_values)
+    pictures += [] if pixel_values_videos is None else list(pixel_values_videos.flatten(0, 1))  # every frame
+    pictures = [preprocessed_image(pixels, image_config) for pixels in pictures]
+    side = pictures[0].width
+    num_image_tokens = int(torch.isin(input_ids, torch.tensor(model.config.visual_token_ids)).sum())
     columns = []
     for rule in rules:
         torch.manual_seed(0)  # random_rule draws from torch's global generator: the same picture every run
-        kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule))
-        grids = kept_patch_grids(kept, len(images), grid_size, per_image)
-        caption = f"{rule.__name__}\n{len(kept)}/{len(images) * per_image} kept"
-        columns.append((caption, [kept_patches_panel(image, grid) for image, grid in zip(images, grids)]))
+        kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule), pixel_values_videos)
+        grids = kept_patch_grids(kept, input_ids, model.config)
+        caption = f"{rule.__name__}\n{len(kept)}/{num_image_tokens} kept"
+        columns.append((caption, [kept_patches_panel(picture, grid) for picture, grid in zip(pictures, grids)]))
     title = f"FastV K={k}, R={r}: image tokens kept at layer {k} (pruned patches dimmed)"
     width = max(10 + len(rules) * (side + 10), int(FONT.getlength(title)) + 20)
-    figure = Image.new("RGB", (width, 70 + len(images) * (side + 10)), "white")
+    figure = Image.new("RGB", (width, 70 + len(pictures) * (side + 10)), "white")
     draw = ImageDraw.Draw(figure)
     draw.text((10, 8), title, fill="black", font=FONT)
     for number, (caption, panels) in enumerate(columns):
@@ -326,28 +333,21 @@ def output_folder(path):
 def main(argv=None, out=None):
     out = out or sys.stdout
     args = parse_args(argv)
-    cli.check_fastv(args.k, args.r)  # the checks that need no model, before a download
-    cli.check_at_least("--max-new-tokens", args.max_new_tokens)
-    device = cli.pick_device(args.device)
-    folder = cli.model_folder(args.model)
-    config = read_config(folder)
-    tokenizer, input_ids, pixel_values = cli.encode_question(folder, config, args.image, args.prompt, args.pad,
-                                                             args.max_new_tokens)
-    num_image_tokens = len(args.image) * config.image_tokens_per_image
-    fastv = cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image_tokens)
-    layers = heatmap_layers(args.heatmap_layers, config.text.num_hidden_layers)
+    question = cli.prepare_question(args)  # every check before the load
+    layers = heatmap_layers(args.heatmap_layers, question.config.text.num_hidden_layers)
     out_folder = output_folder(args.out)
-    model = cli.load_model(folder, device, cli.pick_dtype(args.dtype, device))
-    answer = model.generate(input_ids, pixel_values, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out), greedy
-    print(f"answer: {tokenizer.decode(answer[0].tolist()).strip()}", file=out)
+    model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
+    input_ids, pixel_values, videos = question.input_ids, question.pixel_values, question.pixel_values_videos
+    answer = model.generate(input_ids, pixel_values, videos, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
+    print(f"answer: {question.tokenizer.decode(answer[0].tolist()).strip()}", file=out)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
-    result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers)
+    result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers, videos)
     sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
     print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
-    image_config = ImageProcessorConfig.from_folder(folder)
+    image_config = ImageProcessorConfig.from_folder(question.folder)
+    kept = kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r, pixel_values_videos=videos)
     pictures = {"attention_allocation.png": allocation_chart(result.allocation),
-                "attention_heatmaps.png": heatmaps_figure(result.heatmaps),
-                "kept_patches.png": kept_patches_figure(model, input_ids, pixel_values, image_config, fastv.k, fastv.r)}
+                "attention_heatmaps.png": heatmaps_figure(result.heatmaps), "kept_patches.png": kept}
     for name, picture in pictures.items():
         picture.save(out_folder / name)
         print(f"wrote {out_folder / name} ({picture.width} x {picture.height})", file=out)

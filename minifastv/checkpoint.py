@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingsError
 from .model import Llava, LlavaConfig
 
 DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
@@ -27,7 +27,26 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
              "processor_config.json", "chat_template.json"]
 
 # ----------------------------------------------------------------------------------------------------
-# config.json
+# config.json, and the real models' configs by name
+
+CLIP_VIT_L_14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+PRESETS = {  # as the checkpoints' config.json describe them (tests compare the LLaVA ones with the real files)
+    "llava-1.5-7b": dict(vision_config=dict(CLIP_VIT_L_14, image_size=336), text_config=VICUNA_7B),
+    "llava-1.5-13b": dict(vision_config=dict(CLIP_VIT_L_14, image_size=336), text_config=dict(
+        VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)),
+    "video-llava-7b": dict(model_type="video_llava", image_token_index=32000, video_token_index=32001,
+                           video_seq_length=2056, vision_config=dict(CLIP_VIT_L_14, image_size=224), text_config=VICUNA_7B),
+}
+
+
+def config_by_name(name):
+    """A real model's config by name, e.g. config_by_name("llava-1.5-7b"): no download needed."""
+    if name not in PRESETS:
+        raise CheckpointError(f"There is no built-in config {name!r}: choose one of {', '.join(PRESETS)}.")
+    return LlavaConfig.from_dict(PRESETS[name])
+
 
 
 def read_json(path):
@@ -67,10 +86,14 @@ def check_config(config):
             if field.name != "eos_token_id" and not value > 0:
                 raise CheckpointError(f"{field.name} must be positive, got {value!r}.")
     text, vision = config.text, config.vision
-    for name in ("image_token_id", "pad_token_id"):
+    for name in ("image_token_id", "pad_token_id", "video_token_id"):
         value = getattr(config, name)
+        if name == "video_token_id" and value is None:  # LLaVA: no video
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < text.vocab_size:
             raise CheckpointError(f"{name} must be a token id below the vocabulary size {text.vocab_size}, got {value!r}.")
+    if isinstance(config.num_frames, bool) or not isinstance(config.num_frames, int) or config.num_frames < 1:
+        raise CheckpointError(f"video_seq_length must hold at least one frame, got {config.num_frames!r} frames.")
     if text.num_attention_heads % text.num_key_value_heads:
         raise CheckpointError(f"num_attention_heads {text.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {text.num_key_value_heads}.")
@@ -79,6 +102,10 @@ def check_config(config):
                               f"{vision.num_attention_heads} heads.")
     if vision.image_size < vision.patch_size:
         raise CheckpointError(f"image_size {vision.image_size} is smaller than one patch ({vision.patch_size}).")
+    if config.vision_feature_select_strategy not in ("default", "full"):
+        raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {config.vision_feature_select_strategy!r}.")
+    if isinstance(config.vision_feature_layer, bool) or not isinstance(config.vision_feature_layer, int):
+        raise CheckpointError(f"minifastv reads one vision_feature_layer, not {config.vision_feature_layer!r}.")
     if not -vision.num_hidden_layers - 1 <= config.vision_feature_layer <= vision.num_hidden_layers:
         raise CheckpointError(f"vision_feature_layer {config.vision_feature_layer} is not a layer of the vision tower.")
 
@@ -87,20 +114,26 @@ def check_config(config):
 # Tensor names: three schemes in the wild, one in model.py
 
 
+TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA's one CLIP tower; Video-LLaVA's two
+
+
+def tower_prefixes(in_file):
+    """(model.py prefix, file prefix) for every CLIP tower; `in_file` spells the tower's prefix in the file."""
+    return [pair for tower in TOWERS for pair in ((f"{tower}.layers.", f"{in_file.format(tower)}encoder.layers."),
+                                                  (f"{tower}.", in_file.format(tower)))]
+
+
 # (prefix in model.py, prefix in the file), checked in this order.
 NAME_SCHEMES = {
-    "hub": [  # what llava-hf's downloads use
+    "hub": [  # what llava-hf's and LanguageBind's downloads use
         ("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-        ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
-        ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector.")],
+        ("multi_modal_projector.", "multi_modal_projector."), *tower_prefixes("{}.vision_model.")],
     "transformers-save": [  # what transformers 5's save_pretrained writes for a model built from a config
         ("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-        ("vision_tower.layers.", "vision_tower.encoder.layers."),
-        ("vision_tower.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector.")],
+        ("multi_modal_projector.", "multi_modal_projector."), *tower_prefixes("{}.")],
     "transformers": [  # transformers 5's own parameter names (save_pretrained(save_original_format=False))
         ("language_model.", "model.language_model."), ("lm_head.", "lm_head."),
-        ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
-        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")],
+        ("multi_modal_projector.", "model.multi_modal_projector."), *tower_prefixes("model.{}.")],
 }
 # File prefix -> model.py prefix, longest first, so that "vision_tower.vision_model." wins over "vision_tower.".
 FILE_PREFIXES = sorted({(theirs, ours) for scheme in NAME_SCHEMES.values() for ours, theirs in scheme},
@@ -242,18 +275,24 @@ def safetensors_files(folder):
 # load(): check everything, then stream the tensors onto the device
 
 
-def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
+def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, towers=("image", "video")):
     """A ready-to-run Llava from a local llava-hf folder or a hub repo id (downloaded into weights/).
 
     device: default "cuda" when available, else "cpu". dtype: default bfloat16 on GPUs that support
-    it, float16 on other GPUs (the T4), float32 on the CPU.
+    it, float16 on other GPUs (the T4), float32 on the CPU. towers: Video-LLaVA's CLIP towers to load;
+    towers=("video",) saves the image tower's memory when no prompt will hold an image.
     """
     folder = resolve_folder(path_or_repo_id)
     config = read_config(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
+    if not towers or not set(towers) <= {"image", "video"}:
+        raise SettingsError(f"towers must name 'image', 'video' or both, got {towers!r}.")
     with torch.device("meta"):  # no memory yet: every parameter is a shape only
         model = Llava(config)
+    left_out = [f"{kind}_tower" for kind in ("image", "video") if kind not in towers and hasattr(model, f"{kind}_tower")]
+    for tower in left_out:
+        setattr(model, tower, None)  # its weights are skipped below; asking for its features says so
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     # Every header and every name and shape first: a bad shard is found before minutes of loading.
@@ -264,6 +303,8 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True):
             if entry.name.endswith(("rotary_emb.inv_freq", "position_ids")):
                 continue  # buffers some exporters save; they carry no weights
             name = model_name(entry.name)
+            if name.startswith(tuple(f"{tower}." for tower in left_out)):
+                continue
             if name not in expected:
                 raise CheckpointError(f"Unexpected tensor {entry.name} in {file}: the model has no such weight.")
             if entry.shape != expected[name]:

@@ -8,15 +8,17 @@ The commands are python -m minifastv (__main__.py), -m minifastv.analyze, -m min
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from .checkpoint import DEFAULT_REPO, default_dtype, load, resolve_folder
+from .checkpoint import DEFAULT_REPO, default_dtype, load, read_config, resolve_folder
 from .errors import CheckpointError, MinifastvError, UsageError
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import Tokenizer, count_images, encode_prompt, format_prompt
+from .prompt import Tokenizer, count_images, count_videos, encode_prompt, format_prompt
 from .tiny import TINY_NOTE, tiny_checkpoint
+from .video import load_video, preprocess_video
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea.png"  # the cat photo shipped in the repo
 DTYPES = ["auto", "float16", "bfloat16", "float32"]
@@ -28,7 +30,7 @@ DTYPES = ["auto", "float16", "bfloat16", "float32"]
 def add_model_arguments(parser):
     parser.add_argument("--model", default=DEFAULT_REPO,
                         help=f"hub repo id or local llava-hf folder (default {DEFAULT_REPO}; downloads land in weights/), "
-                             "or 'tiny': a tiny random model built offline in a second, for trying things out")
+                             "or 'tiny' ('tiny-video'): a tiny random LLaVA (Video-LLaVA) built offline in a second, for trying things out")
     add_device_arguments(parser)
 
 
@@ -44,11 +46,15 @@ def add_fastv_arguments(parser):
 
 
 def add_question_arguments(parser, max_new_tokens):
-    parser.add_argument("--image", nargs="+", default=[str(DEFAULT_IMAGE)], metavar="PATH",
-                        help="one or more images, in prompt order (default: a photo of a cat shipped in the repo)")
+    parser.add_argument("--image", nargs="+", metavar="PATH",
+                        help="one or more images, in prompt order (default, without --video: a photo of a cat "
+                             "shipped in the repo)")
+    parser.add_argument("--video", metavar="PATH",
+                        help="a video for Video-LLaVA: an animated GIF/WebP/PNG, a folder of frames, or an MP4/WebM/"
+                             "AVI file (needs PyAV: pip install av); 8 frames are sampled uniformly")
     parser.add_argument("--prompt", default="Describe this image.",
-                        help="the question; write <image> where each image goes, or leave it out and the images "
-                             "come first (default: %(default)r)")
+                        help="the question; write <image> (<video>) where each image (the video) goes, or leave it "
+                             "out and the images, then the video, come first (default: %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                         help=f"at most this many answer tokens (default {max_new_tokens})")
     parser.add_argument("--pad", action="store_true",
@@ -100,42 +106,79 @@ def pick_dtype(name, device):
 
 
 def model_folder(name):
-    """The folder of --model: 'tiny' (built on first use), a local folder, or a hub repo id (downloaded)."""
-    if name == "tiny":
-        print(TINY_NOTE, file=sys.stderr, flush=True)
-        return tiny_checkpoint()
+    """The folder of --model: 'tiny' or 'tiny-video' (built on first use), a local folder, or a hub repo id."""
+    if name in ("tiny", "tiny-video"):
+        print(TINY_NOTE.format(name, "Video-LLaVA" if name == "tiny-video" else "LLaVA"), file=sys.stderr, flush=True)
+        return tiny_checkpoint(video=name == "tiny-video")
     return resolve_folder(name)
 
 
-def encode_question(folder, config, image_paths, prompt, pad, max_new_tokens):
-    """(tokenizer, input_ids (1, T), pixel_values) for a question about images, checked against the model."""
+def prepare_question(args, use_fastv=True):
+    """Everything a command needs to answer --image/--video/--prompt, checked before the (slow) model load:
+    device, dtype, folder, config, tokenizer, input_ids, pixel_values, pixel_values_videos, fastv, towers."""
+    if use_fastv:
+        check_fastv(args.k, args.r)  # what can be checked without the model, before a download
+    check_at_least("--max-new-tokens", args.max_new_tokens)
+    device = pick_device(args.device)
+    folder = model_folder(args.model)
+    config = read_config(folder)
+    image_paths = args.image or ([] if args.video else [str(DEFAULT_IMAGE)])
+    video_paths = [args.video] if args.video else []
+    tokenizer, input_ids, pixel_values, pixel_values_videos = encode_question(
+        folder, config, image_paths, video_paths, args.prompt, args.pad, args.max_new_tokens)
+    num_image_tokens = int(torch.isin(input_ids, torch.tensor(config.visual_token_ids)).sum())
+    fastv = check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image_tokens) if use_fastv else None
+    towers = ("image",) * bool(image_paths) + ("video",) * bool(video_paths)  # Video-LLaVA loads only these
+    return SimpleNamespace(device=device, dtype=pick_dtype(args.dtype, device), folder=folder, config=config,
+                           tokenizer=tokenizer, input_ids=input_ids, pixel_values=pixel_values,
+                           pixel_values_videos=pixel_values_videos, fastv=fastv, towers=towers)
+
+
+def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_new_tokens):
+    """(tokenizer, input_ids (1, T), pixel_values, pixel_values_videos) for a question about images and videos,
+    checked against the model; the pixels are None where there is no image (no video)."""
     tokenizer = Tokenizer.from_folder(folder)
-    if tokenizer.image_token_id != config.image_token_id or tokenizer.vocab_size > config.text.vocab_size:
+    if video_paths and config.video_token_id is None:
+        raise UsageError(f"--video needs a Video-LLaVA checkpoint, such as LanguageBind/Video-LLaVA-7B-hf or "
+                         f"--model tiny-video: the model in {folder} has no video tower.")
+    if ((tokenizer.image_token_id, tokenizer.video_token_id if video_paths else None)
+            != (config.image_token_id, config.video_token_id if video_paths else None)
+            or tokenizer.vocab_size > config.text.vocab_size):
         raise CheckpointError(f"tokenizer.json and config.json in {folder} do not belong together: <image> is id "
-                              f"{tokenizer.image_token_id} in one and {config.image_token_id} in the other, "
-                              f"{tokenizer.vocab_size} ids against a vocabulary of {config.text.vocab_size}.")
+                              f"{tokenizer.image_token_id} in one and {config.image_token_id} in the other, <video> "
+                              f"{tokenizer.video_token_id} and {config.video_token_id}, {tokenizer.vocab_size} ids "
+                              f"against a vocabulary of {config.text.vocab_size}.")
     image_config = ImageProcessorConfig.from_folder(folder)
     size = config.vision.image_size
     if (image_config.crop_height, image_config.crop_width) != (size, size):
         raise CheckpointError(f"preprocessor_config.json in {folder} makes {image_config.crop_height} x "
                               f"{image_config.crop_width} images, but the vision tower takes {size} x {size}.")
-    placeholders = count_images(prompt)
-    if placeholders and placeholders != len(image_paths):
-        raise UsageError(f"The prompt has {placeholders} <image> placeholder(s) but {len(image_paths)} image(s) were given.")
-    pixel_values = preprocess([load_image(path) for path in image_paths], image_config, pad=pad)
-    input_ids = encode_prompt(tokenizer, format_prompt(prompt, num_images=len(image_paths)), config.image_tokens_per_image)
+    for kind, paths, placeholders in (("image", image_paths, count_images(prompt)),
+                                      ("video", video_paths, count_videos(prompt))):
+        if placeholders and placeholders != len(paths):
+            raise UsageError(f"The prompt has {placeholders} <{kind}> placeholder(s) but {len(paths)} {kind}(s) were given.")
+    pixel_values = preprocess([load_image(path) for path in image_paths], image_config, pad=pad) if image_paths else None
+    videos = []
+    for path in video_paths:
+        frames, note = load_video(path, config.num_frames)
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        videos.append(preprocess_video(frames, image_config))
+    pixel_values_videos = torch.stack(videos) if videos else None  # (num_videos, 8, 3, 224, 224)
+    text = format_prompt(prompt, num_images=len(image_paths), num_videos=len(video_paths))
+    input_ids = encode_prompt(tokenizer, text, config.image_tokens_per_image, config.tokens_per_video)
     context = config.text.max_position_embeddings
     if input_ids.shape[1] + max_new_tokens > context:
         raise UsageError(f"The prompt has {input_ids.shape[1]} tokens and --max-new-tokens asks for {max_new_tokens} "
                          f"more, but the model's context is {context} tokens: use fewer images or tokens.")
-    return tokenizer, input_ids, pixel_values
+    return tokenizer, input_ids, pixel_values, pixel_values_videos
 
 
-def load_model(folder, device, dtype):
+def load_model(folder, device, dtype, towers=("image", "video")):
     """minifastv.load, saying what it loads and how long it took."""
     print(f"loading {folder} on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    model = load(folder, device=device, dtype=dtype)
+    model = load(folder, device=device, dtype=dtype, towers=towers)
     print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return model
 

@@ -1,4 +1,4 @@
-"""The problems minifastv reports as one sentence: bad input, a bad checkpoint, a bad image, bad settings.
+"""The problems minifastv reports as one sentence: bad input, a bad checkpoint, a bad image or video, bad settings.
 
 The commands (python -m minifastv, .analyze, .bench, .flops) turn these, and only these, into `error: ...`
 and exit code 2. Any other exception is a bug, in minifastv or in code you changed, and keeps its
@@ -21,6 +21,10 @@ class CheckpointError(MinifastvError):
 
 class ImageError(MinifastvError):
     """An image we cannot use (missing, unreadable, too many pixels, empty); the message names the file."""
+
+
+class VideoError(MinifastvError):
+    """A video we cannot use (missing, unreadable, no frames, PyAV missing for MP4); the message names the file."""
 
 
 class SettingsError(MinifastvError):

@@ -53,11 +53,12 @@ class GenerationStats:
     """What a generate() run measured; pass one as `stats=` and read it afterwards."""
 
     prompt_tokens: int = 0  # per prompt, padding included
-    image_tokens: int = 0  # per prompt, all images together
+    image_tokens: int = 0  # per prompt: the tokens FastV ranks, of all images and videos together
+    video_tokens: int = 0  # of those, how many are video frames'
     image_tokens_kept: int = 0
     k: int | None = None  # FastV's settings, None without FastV
     r: float | None = None
-    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of kept image tokens, patch = index % 576
+    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of the kept image tokens, in prompt order
     kv_cache_bytes: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
@@ -70,7 +71,9 @@ class GenerationStats:
 
     def record_prefill(self, config, input_ids, cache, fastv, seconds):
         self.prompt_tokens = input_ids.shape[1]
-        self.image_tokens = int((input_ids[0] == config.image_token_id).sum())
+        visual_ids = torch.tensor(config.visual_token_ids, device=input_ids.device)
+        self.image_tokens = int(torch.isin(input_ids[0], visual_ids).sum())
+        self.video_tokens = int((input_ids[0] == config.video_token_id).sum()) if config.video_token_id is not None else 0
         self.image_tokens_kept = self.image_tokens
         pruned = cache.pruned_at is not None
         if pruned:
@@ -79,15 +82,15 @@ class GenerationStats:
             self.kept_image_tokens = cache.kept_image_tokens.cpu()
         self.prefill_seconds = seconds
         self.flops = prefill_flops_report(config, self.prompt_tokens, self.image_tokens, fastv if pruned else None,
-                                          batch_size=input_ids.shape[0])
+                                          batch_size=input_ids.shape[0], num_videos=self.video_tokens // config.tokens_per_video)
 
 
 class GenerationMixin:
     """generate() and stream() for Llava: they need only its forward pass, config, device and new_cache()."""
 
     @torch.inference_mode()
-    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, fastv=None,
-               sampling=None, stats=None, eos_token_id=None):
+    def stream(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=64,
+               fastv=None, sampling=None, stats=None, eos_token_id=None):
         """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
 
         `sampling`: a Sampling (default greedy). Finished sequences yield pad ids. FastV prunes once, at
@@ -105,7 +108,8 @@ class GenerationMixin:
             )
         cache = self.new_cache()
         started = time.perf_counter()
-        logits = self(input_ids, pixel_values, attention_mask, cache=cache, fastv=fastv, last_logits_only=True)
+        logits = self(input_ids, pixel_values, pixel_values_videos, attention_mask, cache=cache, fastv=fastv,
+                      last_logits_only=True)
         next_token = pick_token(logits[:, -1].float(), sampling, generator)  # (B,)
         synchronize(self.device)
         if stats is not None:
@@ -127,7 +131,8 @@ class GenerationMixin:
         if stats is not None:
             stats.kv_cache_bytes = cache.nbytes()
 
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **options):
+    def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=64,
+                 **options):
         """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, sampling=, stats=)."""
-        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, **options))
+        tokens = list(self.stream(input_ids, pixel_values, pixel_values_videos, attention_mask, max_new_tokens, **options))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -17,7 +17,7 @@ from .errors import CheckpointError, SettingsError
 from .generation import GenerationMixin
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration: three dataclasses filled from a llava-hf config.json, and the real models by name.
+# Configuration: three dataclasses filled from a llava-hf config.json.
 # The hub's config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
 
 
@@ -90,19 +90,30 @@ class VisionConfig:
 
 @dataclass
 class LlavaConfig:
-    """How the two towers are joined."""
+    """How the towers are joined. LLaVA-1.5 has one CLIP tower; Video-LLaVA has two of one shape, one for
+    images and one for video frames, and a second placeholder, <video>."""
 
     text: TextConfig
     vision: VisionConfig
     image_token_id: int = 32000  # the <image> placeholder id: one per image feature in the prompt
+    video_token_id: int | None = None  # Video-LLaVA's <video> placeholder (32001); None: LLaVA, no video tower
     pad_token_id: int = 32001
+    num_frames: int = 8  # Video-LLaVA samples 8 frames of a video
     vision_feature_layer: int = -2  # which CLIP hidden state feeds the projector (-2: second to last)
-    vision_feature_select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
+    vision_feature_select_strategy: str = "default"  # images: "default" drops the CLS token, "full" keeps it
 
     @property
     def image_tokens_per_image(self):
         cls_token = 1 if self.vision_feature_select_strategy == "full" else 0
-        return self.vision.grid_size**2 + cls_token  # 576 for LLaVA-1.5
+        return self.vision.grid_size**2 + cls_token  # 576 for LLaVA-1.5, 256 for Video-LLaVA
+
+    @property
+    def tokens_per_video(self):
+        return self.num_frames * (self.vision.grid_size**2 + 1)  # every frame keeps its CLS: 8 x 257 = 2056
+
+    @property
+    def visual_token_ids(self):
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
 
     @classmethod
     def from_dict(cls, values):
@@ -110,34 +121,14 @@ class LlavaConfig:
         values = dict(values)
         values.setdefault("image_token_id", values.get("image_token_index", cls.image_token_id))
         _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
-        if not isinstance(values.get("vision_feature_layer", -2), int):
-            raise CheckpointError("minifastv supports one vision_feature_layer, not a list of layers.")
-        if values.get("vision_feature_select_strategy", "default") not in ("default", "full"):
-            raise CheckpointError("vision_feature_select_strategy must be 'default' or 'full'.")
-        config = _known_fields(cls, {**values, "text": None, "vision": None})
+        config = _known_fields(cls, {**values, "text": None, "vision": None, "video_token_id": None})
         config.text = TextConfig.from_dict(values.get("text_config", {}))
         config.vision = VisionConfig.from_dict(values.get("vision_config", {}))
+        if values.get("model_type") == "video_llava":
+            config.video_token_id = values.get("video_token_index", 32001)
+            config.num_frames = values.get("video_seq_length", 2056) // (config.vision.grid_size**2 + 1)
         return config
 
-    @classmethod
-    def from_name(cls, name):
-        """A real model's config by name, e.g. LlavaConfig.from_name("llava-1.5-7b"): no download needed."""
-        if name not in PRESETS:
-            raise CheckpointError(f"There is no built-in config {name!r}: choose one of {', '.join(PRESETS)}.")
-        return cls.from_dict(PRESETS[name])
-
-
-# The real models, as llava-hf's config.json files describe them (a test compares them with the files).
-CLIP_VIT_L_14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         image_size=336, patch_size=14)
-PRESETS = {
-    "llava-1.5-7b": dict(vision_config=CLIP_VIT_L_14_336, text_config=dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)),
-    "llava-1.5-13b": dict(vision_config=CLIP_VIT_L_14_336, text_config=dict(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-        vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,9 +272,8 @@ def causal_padding_mask(key_mask, num_queries):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=False
-        )
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
+                                         stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.position_embedding = nn.Embedding(config.grid_size**2 + 1, config.hidden_size)
 
@@ -431,10 +421,12 @@ class PruningInputs:
     """Everything a pruning rule may look at, at the start of decoder layer K (B batch, T tokens, N image tokens)."""
 
     last_token_attention: torch.Tensor  # (B, H, T) float32: the last token's softmax row in layer K-1, per head
-    image_positions: torch.Tensor  # (B, N): where the image tokens sit in the sequence, all images pooled
+    image_positions: torch.Tensor  # (B, N): where the image tokens sit in the sequence, images and videos pooled
     num_keep: int  # how many of the N image tokens to keep: round(N * (1 - R))
-    grid_size: int  # each image is a grid_size x grid_size grid of patches (24 for LLaVA-1.5)
-    tokens_per_image: int  # 576 for LLaVA-1.5; image i owns image tokens [i * 576, (i + 1) * 576)
+    grid_size: int  # each image or frame is a grid_size x grid_size grid of patches (24 for LLaVA-1.5)
+    is_video: torch.Tensor  # (B, N) bool: a video frame's token (Video-LLaVA), not an image's
+    frame: torch.Tensor  # (B, N): which image, or which video frame (counted over all videos), the token shows
+    patch: torch.Tensor  # (B, N): its patch, row by row: row = patch // grid_size; -1 for a CLS token
     hidden_states: torch.Tensor  # (B, T, C): the input of layer K
     queries: torch.Tensor  # (B, H, T, D): layer K-1's queries, after RoPE
     keys: torch.Tensor  # (B, H_kv, T, D): layer K-1's keys, after RoPE
@@ -476,6 +468,19 @@ class FastV:
             raise SettingsError(f"FastV's k is the first pruned layer and must be an integer >= 1, got {self.k}.")
 
 
+def visual_layout(visual_ids, config: LlavaConfig):
+    """For the image tokens (B, N) of a prompt, in order: is_video, frame and patch, as PruningInputs has them.
+
+    Images and video frames are counted apart, each in the order of the prompt; a frame's CLS token comes
+    first (patch -1), as does an image's with the "full" feature strategy.
+    """
+    is_video = visual_ids != config.image_token_id  # (B, N): the only other visual token is <video>
+    rank = torch.where(is_video, is_video.cumsum(1), (~is_video).cumsum(1)) - 1  # index among its kind's tokens
+    per_item = torch.where(is_video, config.vision.grid_size**2 + 1, config.image_tokens_per_image)
+    has_cls = torch.where(is_video, 1, int(config.vision_feature_select_strategy == "full"))
+    return is_video, rank // per_item, rank % per_item - has_cls
+
+
 def check_kept(keep, batch_size, num_image_tokens, num_keep):
     """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not."""
     if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
@@ -487,6 +492,12 @@ def check_kept(keep, batch_size, num_image_tokens, num_keep):
     return keep.long()
 
 
+def check_shape(name, tensor, expected):
+    """A ValueError naming the argument unless tensor.shape is `expected` (None: any size there)."""
+    if tensor.ndim != len(expected) or any(size not in (None, got) for size, got in zip(expected, tensor.shape)):
+        raise ValueError(f"{name} must have shape {tuple('N' if s is None else s for s in expected)}, got {tuple(tensor.shape)}.")
+
+
 # ----------------------------------------------------------------------------------------------------
 # LLaVA: image features replace the <image> placeholders, then the decoder runs. generate() and stream()
 # come from GenerationMixin (generation.py): the prefill once, then one token at a time.
@@ -496,7 +507,10 @@ class Llava(GenerationMixin, nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = CLIPVisionTower(config.vision)
+        if config.video_token_id is None:  # LLaVA: one CLIP tower
+            self.vision_tower = CLIPVisionTower(config.vision)
+        else:  # Video-LLaVA: two towers of one shape, one for images and one for video frames
+            self.image_tower, self.video_tower = CLIPVisionTower(config.vision), CLIPVisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
@@ -522,39 +536,55 @@ class Llava(GenerationMixin, nn.Module):
     def dtype(self):
         return self.lm_head.weight.dtype
 
+    def tower_features(self, tower, pixels, keep_cls):
+        """(N, 3, S, S) pixels through a CLIP tower and the projector: (N, S/14 * S/14 [+ CLS], hidden) decoder inputs."""
+        if tower is None:
+            raise SettingsError("The model was loaded without the tower these pixels need: load it with towers=('image', 'video').")
+        hidden = tower(pixels.to(self.device, self.dtype), self.config.vision_feature_layer)  # (N, 577, C)
+        return self.multi_modal_projector(hidden if keep_cls else hidden[:, 1:])  # CLS is token 0
+
     def image_features(self, pixel_values):
         """(N, 3, 336, 336) pixels -> (N, 576, hidden) decoder inputs, one row per image patch."""
         size = self.config.vision.image_size
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (self.config.vision.num_channels, size, size):
-            raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}.")
-        hidden = self.vision_tower(pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer)
-        if self.config.vision_feature_select_strategy == "default":
-            hidden = hidden[:, 1:]  # drop CLS: (N, 576, C)
-        return self.multi_modal_projector(hidden)  # (N, 576, hidden)
+        check_shape("pixel_values", pixel_values, (None, self.config.vision.num_channels, size, size))
+        tower = self.vision_tower if self.config.video_token_id is None else self.image_tower
+        return self.tower_features(tower, pixel_values, keep_cls=self.config.vision_feature_select_strategy == "full")
 
-    def embed(self, input_ids, pixel_values):
-        """Token embeddings with the image features written over the <image> placeholders, in order."""
+    def video_features(self, pixel_values_videos):
+        """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, hidden): each frame's CLS token, then its patches."""
+        size = self.config.vision.image_size
+        check_shape("pixel_values_videos", pixel_values_videos, (None, self.config.num_frames, 3, size, size))
+        frames = self.tower_features(self.video_tower, pixel_values_videos.flatten(0, 1), keep_cls=True)  # (V * 8, 257, hidden)
+        return frames.reshape(pixel_values_videos.shape[0], -1, frames.shape[-1])
+
+    def embed(self, input_ids, pixel_values=None, pixel_values_videos=None):
+        """Token embeddings with the image and video features written over their placeholders, in order."""
         embeds = self.language_model.embed_tokens(input_ids)  # (B, T, hidden)
-        is_image = input_ids == self.config.image_token_id
-        num_placeholders = int(is_image.sum())
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.config.image_tokens_per_image
-        if num_placeholders != num_images * per_image:
-            raise ValueError(
-                f"The prompt holds {num_placeholders} <image> tokens but {num_images} image(s) need "
-                f"{num_images * per_image} ({per_image} per image): one <image> id per image feature."
-            )
-        if num_images:
-            features = self.image_features(pixel_values).reshape(-1, embeds.shape[-1])  # (N * 576, hidden)
-            embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        for kind, token_id, pixels, features, per_item in (
+                ("image", self.config.image_token_id, pixel_values, self.image_features, self.config.image_tokens_per_image),
+                ("video", self.config.video_token_id, pixel_values_videos, self.video_features, self.config.tokens_per_video)):
+            if token_id is None:  # LLaVA has no <video>
+                if pixels is not None:
+                    raise ValueError("This model has no video tower: pixel_values_videos needs a Video-LLaVA checkpoint.")
+                continue
+            is_placeholder = input_ids == token_id
+            num_placeholders, num_items = int(is_placeholder.sum()), 0 if pixels is None else pixels.shape[0]
+            if num_placeholders != num_items * per_item:
+                raise ValueError(f"The prompt holds {num_placeholders} <{kind}> tokens but {num_items} {kind}(s) need "
+                                 f"{num_items * per_item} ({per_item} per {kind}): one <{kind}> id per feature.")
+            if num_items:
+                features_in_order = features(pixels).reshape(-1, embeds.shape[-1])  # (items x per_item, hidden)
+                embeds = embeds.masked_scatter(is_placeholder[..., None], features_in_order.to(embeds.dtype))
         return embeds
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, fastv=None, last_logits_only=False):
+    def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
+                fastv=None, last_logits_only=False):
         """Logits for `input_ids` (B, T); left padding is marked 0 in `attention_mask`.
 
         With a `cache` (see KVCache) the earlier tokens live in the cache and input_ids holds only
         the new ones. With `fastv` (see FastV) and image tokens in input_ids, image tokens are
-        dropped at layer K, and the logits cover the kept tokens only: (B, T_kept, vocab).
+        dropped at layer K, and the logits cover the kept tokens only: (B, T_kept, vocab). Video
+        tokens count as image tokens: FastV ranks them all in one pool, as the official code does.
         """
         B, T = input_ids.shape
         device = self.device
@@ -566,16 +596,14 @@ class Llava(GenerationMixin, nn.Module):
             raise SettingsError(f"FastV's k must be between 1 and {len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
         key_mask = new_mask if cache is None else cache.extend_mask(new_mask)  # (B, S): every token so far
         if key_mask.shape[1] > self.config.text.max_position_embeddings:
-            raise ValueError(
-                f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
-                f"{self.config.text.max_position_embeddings} tokens."
-            )
+            raise ValueError(f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
+                             f"{self.config.text.max_position_embeddings} tokens.")
         # Each token's position among the real (unpadded) tokens; padding gets 0. FastV never changes it.
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, pixel_values_videos)
         cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
-        is_image = input_ids == self.config.image_token_id  # (B, T)
+        is_image = torch.isin(input_ids, torch.tensor(self.config.visual_token_ids, device=device))  # (B, T)
         prune_now = fastv is not None and bool(is_image.any())
         if prune_now and key_mask.shape[1] != T:
             raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
@@ -592,10 +620,11 @@ class Llava(GenerationMixin, nn.Module):
                 image_positions = is_image.nonzero()[:, 1].view(B, -1)  # (B, N), in sequence order
                 num_image_tokens = image_positions.shape[1]
                 num_keep = round(num_image_tokens * (1 - fastv.r))
+                is_video, frame, patch = visual_layout(input_ids.gather(1, image_positions), self.config)
                 inputs = PruningInputs(
                     last_token_attention=attention_rows(queries, keys, key_mask)[:, :, -1],  # (B, H, T)
                     image_positions=image_positions, num_keep=num_keep, grid_size=self.config.vision.grid_size,
-                    tokens_per_image=self.config.image_tokens_per_image, hidden_states=x,
+                    is_video=is_video, frame=frame, patch=patch, hidden_states=x,
                     queries=queries, keys=keys, cos=cos, sin=sin, attention_mask=key_mask,
                 )
                 keep_image = check_kept(fastv.rule(inputs), B, num_image_tokens, num_keep)  # (B, num_keep)

@@ -1,7 +1,7 @@
-"""From words to ids and back: the LLaVA-1.5 prompt, Llama-2's tokenizer, and streaming decode.
+"""From words to ids and back: the LLaVA-1.5 and Video-LLaVA prompt, Llama-2's tokenizer, and streaming decode.
 
 Needs only the `tokenizers` library (and torch for the prompt tensor). tests/test_prompt.py checks every id
-against transformers' LlavaProcessor and every template against llava-hf's chat template.
+against transformers' LlavaProcessor and VideoLlavaProcessor, and every template against llava-hf's chat template.
 """
 
 from pathlib import Path
@@ -12,6 +12,7 @@ import torch
 from .errors import CheckpointError
 
 IMAGE_PLACEHOLDER = "<image>"  # one per image in the prompt text; encode_prompt expands it to one id per feature
+VIDEO_PLACEHOLDER = "<video>"  # Video-LLaVA: one per video, expanded to one id per frame feature (8 x 257)
 
 
 def count_images(text):
@@ -19,16 +20,23 @@ def count_images(text):
     return text.count(IMAGE_PLACEHOLDER)
 
 
-def format_prompt(question, num_images=1, history=()):
-    """The conversation in LLaVA-1.5's template, exactly as llava-hf's chat template writes it.
+def count_videos(text):
+    """How many video placeholders the text holds."""
+    return text.count(VIDEO_PLACEHOLDER)
+
+
+def format_prompt(question, num_images=1, history=(), num_videos=0):
+    """The conversation in LLaVA-1.5's template (Video-LLaVA's is the same), as llava-hf's chat template writes it.
 
     history: earlier turns as [(question, answer), ...]. The images go at the start of the first user turn,
-    one "<image>\\n" each, unless the text already holds placeholders: then they stay where the user put them.
+    one "<image>\\n" each, then the videos, one "<video>\\n" each, unless the text already holds placeholders
+    of that kind: then they stay where the user put them.
     """
     questions = [asked for asked, _ in history] + [question]
     answers = [answer for _, answer in history]
-    if not any(count_images(asked) for asked in questions):
-        questions[0] = (IMAGE_PLACEHOLDER + "\n") * num_images + questions[0]
+    for placeholder, count in ((VIDEO_PLACEHOLDER, num_videos), (IMAGE_PLACEHOLDER, num_images)):  # images end first
+        if not any(placeholder in asked for asked in questions):
+            questions[0] = (placeholder + "\n") * count + questions[0]
     # No system prompt. Every message ends with one space; the prompt ends on "ASSISTANT:", the model's cue.
     earlier_turns = "".join(f"USER: {asked} ASSISTANT: {answer} " for asked, answer in zip(questions, answers))
     return earlier_turns + f"USER: {questions[-1]} ASSISTANT:"
@@ -51,6 +59,7 @@ class Tokenizer:
         self.bos_token_id = backend.token_to_id("<s>")
         self.eos_token_id = backend.token_to_id("</s>")
         self.image_token_id = backend.token_to_id(IMAGE_PLACEHOLDER)
+        self.video_token_id = backend.token_to_id(VIDEO_PLACEHOLDER)  # None in LLaVA-1.5's tokenizer
         self.pad_token_id = backend.token_to_id("<pad>")
         self.vocab_size = backend.get_vocab_size()  # added tokens included: 32002 for Llama-2 + <image> + <pad>
 
@@ -114,15 +123,18 @@ class StreamDecoder:
         return new_text
 
 
-def encode_prompt(tokenizer, text, image_tokens_per_image):
-    """The prompt as a (1, T) tensor of ids: <s>, then the text, each <image> repeated once per image feature.
+def encode_prompt(tokenizer, text, image_tokens_per_image, tokens_per_video=0):
+    """The prompt as a (1, T) tensor of ids: <s>, then the text, each <image> repeated once per image feature
+    and each <video> once per video feature.
 
     LLaVA-1.5 sees a 336 px image as (336 / 14)^2 = 576 patches; CLIP adds a CLS token and the "default"
     feature strategy drops it again, so 576 features, and the prompt keeps 576 <image> ids where the model
-    will put them. This is what LlavaProcessor does (it repeats the placeholder in the text, then tokenizes).
+    will put them. Video-LLaVA's video is 8 frames of (224 / 14)^2 = 256 patches and their CLS tokens: 2,056
+    <video> ids. This is what LlavaProcessor and VideoLlavaProcessor do (they repeat the placeholder in the
+    text, then tokenize).
     """
+    copies = {tokenizer.image_token_id: image_tokens_per_image, tokenizer.video_token_id: tokens_per_video}
     ids = []
     for token_id in tokenizer.encode(text):
-        copies = image_tokens_per_image if token_id == tokenizer.image_token_id else 1
-        ids += [token_id] * copies
+        ids += [token_id] * copies.get(token_id, 1)
     return torch.tensor([ids], dtype=torch.long)

@@ -25,13 +25,12 @@ def bayer_matrix(size):
 
 
 def grid_rule(inputs: PruningInputs):
-    """Keep patches spread uniformly over each image, whatever the model attends to (ordered dithering)."""
+    """Keep patches spread uniformly over each image or frame, whatever the model attends to (ordered dithering)."""
     grid = inputs.grid_size
     tile = bayer_matrix(8)
-    rank = tile.repeat(grid // 8 + 1, grid // 8 + 1)[:grid, :grid].flatten()  # (grid * grid,): lower = kept first
-    num_images = inputs.image_positions.shape[1] // inputs.tokens_per_image
-    rank = rank.repeat(num_images)[None].expand(inputs.image_positions.shape[0], -1)  # (B, N)
-    return rank.argsort(dim=-1, stable=True)[:, : inputs.num_keep].to(inputs.image_positions.device)
+    rank = tile.repeat(grid // 8 + 1, grid // 8 + 1)[:grid, :grid].flatten().to(inputs.patch.device)  # lower: kept first
+    rank = torch.where(inputs.patch >= 0, rank[inputs.patch.clamp(min=0)], -1)  # (B, N); a CLS token goes first
+    return rank.argsort(dim=-1, stable=True)[:, : inputs.num_keep]
 
 
 def no_rope_rule(inputs: PruningInputs):

@@ -131,7 +131,7 @@ def test_pruned_patches_are_dimmed_and_kept_ones_untouched(model):
     pixels = preprocess(DEFAULT_IMAGE, config)
     ids = prompt_and_answer(1)[:, :-NUM_OUTPUT]
     kept = analyze.kept_image_tokens(model, ids, pixels, M.FastV(2, 0.5))
-    grid = analyze.kept_patch_grids(kept, 1, 6, TOKENS_PER_IMAGE)[0]  # (6, 6)
+    grid = analyze.kept_patch_grids(kept, ids, model.config)[0]  # (6, 6)
     assert int(grid.sum()) == 18
     plain = analyze.preprocessed_image(pixels[0], config)
     panel = analyze.kept_patches_panel(plain, grid)

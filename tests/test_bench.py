@@ -23,10 +23,10 @@ def test_transformers_twin_has_the_same_weights():
 
     model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
     twin = bench.transformers_twin(model)
-    ids, pixels = bench.benchmark_prompt(model.config, 10)
+    ids, visual = bench.benchmark_prompt(model.config, 10)
     with torch.no_grad():
-        ours = model(ids, pixels)
-        theirs = twin(input_ids=ids, pixel_values=pixels).logits
+        ours = model(ids, **visual)
+        theirs = twin(input_ids=ids, **visual).logits
     assert (ours - theirs).abs().max().item() < 1e-4
 
 

@@ -91,7 +91,7 @@ def test_fastv_matches_reference(ours, hf_eager, hf_sdpa, k, r, num_images, batc
     expected_logits, expected_kept = reference_fastv(hf_eager, hf_sdpa, ids, mask, pixels, k, r)
     cache = M.KVCache(len(ours.language_model.layers))
     with torch.no_grad():
-        logits = ours(ids, pixels, mask, cache=cache, fastv=M.FastV(k, r))
+        logits = ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(k, r))
     num_images_tokens = num_images * TOKENS_PER_IMAGE
     assert logits.shape[1] == ids.shape[1] - num_images_tokens + round(num_images_tokens * (1 - r))
     assert torch.equal(cache.kept_image_tokens, expected_kept)
@@ -102,9 +102,9 @@ def test_fastv_matches_reference(ours, hf_eager, hf_sdpa, k, r, num_images, batc
 def test_r_zero_and_no_fastv_are_identical_to_unpruned(ours):
     ids, mask, pixels = make_case(2, 2)
     with torch.no_grad():
-        plain = ours(ids, pixels, mask)
-        none = ours(ids, pixels, mask, fastv=None)
-        zero = ours(ids, pixels, mask, fastv=M.FastV(2, 0.0))
+        plain = ours(ids, pixels, attention_mask=mask)
+        none = ours(ids, pixels, attention_mask=mask, fastv=None)
+        zero = ours(ids, pixels, attention_mask=mask, fastv=M.FastV(2, 0.0))
     assert torch.equal(plain, none)
     assert torch.equal(plain, zero)
 
@@ -131,7 +131,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
     ids, mask, pixels = make_case(num_images, batch_size)
     fastv = M.FastV(2, 0.5)
     stats = minifastv.GenerationStats()
-    generated = ours.generate(ids, pixels, mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
+    generated = ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
     assert generated.shape == (batch_size, 12)
     kept = stats.kept_image_tokens
     same_choice = M.FastV(2, 0.5, rule=lambda inputs: kept)
@@ -139,7 +139,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
     expected = []
     with torch.no_grad():
         for _ in range(12):
-            logits = ours(sequence, pixels, sequence_mask, fastv=same_choice)
+            logits = ours(sequence, pixels, attention_mask=sequence_mask, fastv=same_choice)
             token = logits[:, -1].argmax(-1)
             expected.append(token)
             sequence = torch.cat([sequence, token[:, None]], dim=1)
@@ -180,7 +180,7 @@ def test_rules_keep_the_requested_number(ours, rule, r):
     ids, mask, pixels = make_case(2, 2)
     cache = M.KVCache(4)
     with torch.no_grad():
-        ours(ids, pixels, mask, cache=cache, fastv=M.FastV(2, r, rule=rule))
+        ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=rule))
     kept = cache.kept_image_tokens
     assert kept.shape == (2, round(72 * (1 - r)))
     assert all(len(set(row.tolist())) == kept.shape[1] for row in kept)
@@ -227,7 +227,10 @@ def test_pruning_inputs_shapes(ours):
     assert torch.allclose(inputs.last_token_attention.sum(-1), torch.ones(1, 4))
     assert inputs.image_positions.shape == (1, 72) and bool((ids[0, inputs.image_positions[0]] == IMAGE_TOKEN).all())
     assert inputs.hidden_states.shape == (1, T, 64) and inputs.queries.shape == (1, 4, T, 16)
-    assert (inputs.grid_size, inputs.tokens_per_image, inputs.num_keep) == (6, 36, 36)
+    assert (inputs.grid_size, inputs.num_keep) == (6, 36)
+    # two images of 6 x 6 patches, no CLS ("default" strategy), no video: image 0 then image 1, row by row
+    assert not inputs.is_video.any()
+    assert inputs.frame[0].tolist() == [0] * 36 + [1] * 36 and inputs.patch[0].tolist() == list(range(36)) * 2
 
 
 @pytest.mark.parametrize("k", [0, 4, 5, -1])
@@ -246,7 +249,7 @@ def test_r_out_of_range(r):
 def test_batch_with_different_image_counts_is_refused(ours):
     ids, mask = left_pad([image_prompt(1, 36), image_prompt(2, 36, seed=1)])
     with pytest.raises(ValueError, match="same number of image tokens"):
-        ours(ids, random_pixels(3), mask, fastv=M.FastV(2, 0.5))
+        ours(ids, random_pixels(3), attention_mask=mask, fastv=M.FastV(2, 0.5))
 
 
 @pytest.mark.parametrize("bad_rule", [
@@ -276,12 +279,12 @@ def test_grouped_query_attention_matches_reference(tmp_path):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = sdpa(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions).logits
-        logits = gqa(ids, pixels, mask)
+        logits = gqa(ids, pixels, attention_mask=mask)
     real = mask.bool()
     assert (logits[real] - expected[real]).abs().max().item() < 1e-5
     expected_last, expected_kept = reference_fastv(eager, sdpa, ids, mask, pixels, 2, 0.5)
     cache = M.KVCache(4)
     with torch.no_grad():
-        pruned = gqa(ids, pixels, mask, cache=cache, fastv=M.FastV(2, 0.5))
+        pruned = gqa(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, 0.5))
     assert torch.equal(cache.kept_image_tokens, expected_kept)
     assert (pruned[:, -1] - expected_last).abs().max().item() < 1e-5

@@ -7,7 +7,7 @@ import torch
 
 import minifastv
 import minifastv.model as M
-from minifastv.checkpoint import read_config
+from minifastv.checkpoint import config_by_name, read_config
 from minifastv.flops import exact_prefill_flops, paper_flops, prefill_flops_report
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -55,7 +55,7 @@ def test_report_ratios():
 
 @pytest.mark.parametrize("size", ["7b", "13b"])
 def test_built_in_configs_equal_the_real_files(size):
-    assert M.LlavaConfig.from_name(f"llava-1.5-{size}") == read_config(DATA / f"llava-1.5-{size}-hf")
+    assert config_by_name(f"llava-1.5-{size}") == read_config(DATA / f"llava-1.5-{size}-hf")
 
 
 def test_flops_cli_prints_table_1(capsys):

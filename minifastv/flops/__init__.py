@@ -44,23 +44,29 @@ def decoder_layer_flops(config, n):
     return projections + attention + mlp
 
 
-def vision_flops(config, num_images):
-    """Exact matmul FLOPs of the vision tower (the layers that run) and the projector."""
+def vision_flops(config, num_images, num_frames=0):
+    """Exact matmul FLOPs of the vision tower (the layers that run) and the projector, for images and video frames."""
     vision = config.vision
     c, patches = vision.hidden_size, vision.grid_size**2
     n = patches + 1  # CLS token
     patch_embedding = 2 * patches * vision.num_channels * vision.patch_size**2 * c
     layer = 4 * 2 * n * c * c + 2 * 2 * n * n * c + 2 * 2 * n * c * vision.intermediate_size
-    layers_run = config.vision_feature_layer % (vision.num_hidden_layers + 1)
-    tokens = config.image_tokens_per_image
-    projector = 2 * tokens * c * config.text.hidden_size + 2 * tokens * config.text.hidden_size**2
-    return num_images * (patch_embedding + layers_run * layer + projector)
+    tower = patch_embedding + config.vision_feature_layer % (vision.num_hidden_layers + 1) * layer  # the layers that run
+
+    def projector(tokens):
+        return 2 * tokens * c * config.text.hidden_size + 2 * tokens * config.text.hidden_size**2
+
+    return num_images * (tower + projector(config.image_tokens_per_image)) + num_frames * (tower + projector(n))
 
 
-def exact_prefill_flops(config, num_tokens, num_image_tokens, k=None, r=0.0):
-    """Exact matmul FLOPs of one prompt's prefill: vision, decoder, FastV's scoring row, the last token's logits."""
+def exact_prefill_flops(config, num_tokens, num_image_tokens, k=None, r=0.0, num_videos=0):
+    """Exact matmul FLOPs of one prompt's prefill: vision, decoder, FastV's scoring row, the last token's logits.
+
+    num_image_tokens counts every token FastV may prune: the images' and the `num_videos` videos' together.
+    """
     text = config.text
-    flops = vision_flops(config, num_image_tokens // config.image_tokens_per_image)
+    num_images = (num_image_tokens - num_videos * config.tokens_per_video) // config.image_tokens_per_image
+    flops = vision_flops(config, num_images, num_videos * config.num_frames)
     if k is None:
         flops += text.num_hidden_layers * decoder_layer_flops(config, num_tokens)
     else:
@@ -70,15 +76,15 @@ def exact_prefill_flops(config, num_tokens, num_image_tokens, k=None, r=0.0):
     return flops + 2 * text.hidden_size * text.vocab_size  # lm_head, for the last token only
 
 
-def prefill_flops_report(config, num_tokens, num_image_tokens, fastv=None, batch_size=1):
+def prefill_flops_report(config, num_tokens, num_image_tokens, fastv=None, batch_size=1, num_videos=0):
     """Prefill FLOPs of a batch, both models, with FastV's settings (or the unpruned model twice)."""
     k, r = (fastv.k, fastv.r) if fastv is not None else (None, 0.0)
     num_text = num_tokens - num_image_tokens
     report = {
         "paper": batch_size * paper_flops(config, num_text, num_image_tokens, k, r),
         "paper_unpruned": batch_size * paper_flops(config, num_text, num_image_tokens),
-        "exact": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens, k, r),
-        "exact_unpruned": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens),
+        "exact": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens, k, r, num_videos),
+        "exact_unpruned": batch_size * exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=num_videos),
     }
     report["paper_ratio"] = report["paper"] / report["paper_unpruned"]
     report["exact_ratio"] = report["exact"] / report["exact_unpruned"]

@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 from .. import cli
-from ..checkpoint import read_config
+from ..checkpoint import PRESETS, config_by_name, read_config
 from ..errors import UsageError
-from ..model import PRESETS, LlavaConfig
 from . import exact_prefill_flops, paper_flops
 
 
@@ -25,7 +24,7 @@ def parse_args(argv):
 def model_config(name):
     """A built-in config by name, or a config.json file, or the config.json of a model folder."""
     if name in PRESETS:
-        return LlavaConfig.from_name(name)
+        return config_by_name(name)
     if not Path(name).exists():
         raise UsageError(f"--config {name} is neither a built-in config ({', '.join(PRESETS)}) nor a config.json or model folder.")
     return read_config(name)
