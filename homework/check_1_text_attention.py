@@ -29,7 +29,7 @@ def kept_by(model, rule, ids, mask, pixels, k, r):
     distinct, in range) and raises a ValueError that says what is wrong."""
     cache = M.KVCache(len(model.language_model.layers))
     with torch.no_grad():
-        model(ids, pixels, mask, cache=cache, fastv=M.FastV(k, r, rule=rule))
+        model(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(k, r, rule=rule))
     return cache.kept_image_tokens
 
 
@@ -87,5 +87,5 @@ def test_differs_from_the_last_token_rule(tiny):
 
 def test_generates_end_to_end(tiny):
     ids, mask, pixels = tiny.case(1, 2)
-    tokens = tiny.ours.generate(ids, pixels, mask, max_new_tokens=4, fastv=M.FastV(2, 0.5, rule=all_text_tokens_rule), eos_token_id=-1)
+    tokens = tiny.ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=4, fastv=M.FastV(2, 0.5, rule=all_text_tokens_rule), eos_token_id=-1)
     assert tokens.shape == (2, 4)

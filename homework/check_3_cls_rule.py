@@ -30,7 +30,7 @@ def reference_kept(tiny, pixels, batch_size, r):
 def kept_by(tiny, rule, ids, mask, pixels, k, r):
     cache = M.KVCache(len(tiny.ours.language_model.layers))
     with torch.no_grad():
-        tiny.ours(ids, pixels, mask, cache=cache, fastv=M.FastV(k, r, rule=rule))
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(k, r, rule=rule))
     return cache.kept_image_tokens  # (B, num_keep), sorted
 
 
@@ -69,6 +69,6 @@ def test_generates_end_to_end(tiny):
     ids, mask, pixels = tiny.case(2, 2)
     fastv = M.FastV(2, 0.5, rule=make_cls_rule(tiny.ours, pixels))
     stats = minifastv.GenerationStats()
-    tokens = tiny.ours.generate(ids, pixels, mask, max_new_tokens=4, fastv=fastv, stats=stats, eos_token_id=-1)
+    tokens = tiny.ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=4, fastv=fastv, stats=stats, eos_token_id=-1)
     assert tokens.shape == (2, 4)
     assert torch.equal(stats.kept_image_tokens, reference_kept(tiny, pixels, 2, 0.5))
