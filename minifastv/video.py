@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from .errors import VideoError
-from .image import ImageProcessorConfig, load_image, open_image_file, pixel_values
+from .image import ImageProcessorConfig, load_image, pixel_values
 
 PILLOW_VIDEOS = {".gif", ".webp", ".png", ".apng"}
 PYAV_VIDEOS = {".mp4", ".webm", ".avi", ".mov", ".mkv"}
@@ -62,13 +62,12 @@ def load_video(source, num_frames=8):
 
 def pillow_frames(path):
     """(number of frames, a reader of frames by index) for an animated GIF, WebP or PNG."""
-    open_image_file(path)  # decodes the first frame: an unreadable file fails here, in one sentence
 
-    def with_open(use):  # Pillow reads the frames lazily, from the open file: a damaged later frame fails here
+    def with_open(use):  # Pillow reads the frames lazily, from the open file: a damaged frame fails here
         try:
             with Image.open(path) as image:
                 return use(image)
-        except (OSError, ValueError, EOFError) as error:
+        except (OSError, ValueError, EOFError, Image.DecompressionBombError) as error:  # not an image, cut short
             raise VideoError(f"Video {path} cannot be read ({' '.join(str(error).split())}).") from None
 
     def read(indices):  # each frame as shown, the earlier frames' disposal applied
