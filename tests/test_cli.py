@@ -268,8 +268,11 @@ def bad_cases(checkpoint_folder, tmp_path_factory):
         ("flops", "r one"): (["--r", "1"], ["--r", "[0, 1)"]),
         ("flops", "r negative"): (["--r", "-1"], ["--r", "[0, 1)"]),
         ("flops", "negative text tokens"): (["--text-tokens", "-5"], ["--text-tokens", "at least 0"]),
-        ("flops", "no images"): (["--images", "0"], ["--images", "at least 1"]),
+        ("flops", "no images"): (["--images", "-1"], ["--images", "at least 0"]),
         ("flops", "r keeps no image token"): (["--r", "0.9999"], ["none of", "576 image tokens"]),
+        ("flops", "videos for llava"): (["--config", "llava-1.5-7b", "--videos", "1"], ["--videos", "Video-LLaVA"]),
+        ("flops", "nothing to prune"): (["--config", "video-llava-7b", "--videos", "0"], ["at least one image or video"]),
+        ("flops", "negative videos"): (["--config", "video-llava-7b", "--videos", "-1"], ["--videos", "at least 0"]),
     })
     if not torch.cuda.is_available():
         for command in ("ask", "analyze", "bench"):
@@ -291,7 +294,8 @@ def bad_case_ids():
                                          "negative text tokens", "too many text tokens", "one layer", "odd width",
                                          "missing folder", "truncated weights")]
     ids += [("flops", name) for name in ("unknown config", "missing config", "broken config", "k too large", "r one",
-                                         "r negative", "negative text tokens", "no images", "r keeps no image token")]
+                                         "r negative", "negative text tokens", "no images", "r keeps no image token",
+                                         "videos for llava", "nothing to prune", "negative videos")]
     if not torch.cuda.is_available():
         ids += [(command, "cuda without a GPU") for command in ("ask", "analyze", "bench")]
     return ids

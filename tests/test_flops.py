@@ -23,14 +23,14 @@ def test_paper_table_1_for_llava_13b(k, r, per_layer):
     assert round(flops, 1) == per_layer
 
 
-def counted_flops(model, ids, pixels, fastv):
+def counted_flops(model, ids, pixels, fastv, videos=None):
     """What torch's FLOP counter sees. The fused CPU attention kernel is invisible to it, so attention runs
     on SDPA's math backend here: the same products (full T x S, as the exact count assumes), spelled out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(ids, pixels, fastv=fastv, last_logits_only=True)
+        model(ids, pixels, videos, fastv=fastv, last_logits_only=True)
     return counter.get_total_flops()
 
 
@@ -42,6 +42,33 @@ def test_exact_count_equals_torch_flop_counter(hub_checkpoint, fastv):
     ids, pixels = image_prompt(2, 36), random_pixels(2)
     k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
     assert exact_prefill_flops(model.config, ids.shape[1], 72, k, r) == counted_flops(model, ids, pixels, fastv)
+
+
+@pytest.mark.parametrize("fastv", [None, M.FastV(2, 0.5)])
+def test_exact_count_with_a_video_equals_torch_flop_counter(tmp_path, fastv):
+    """Video-LLaVA: an image and a video (8 frames through the video tower, each with its CLS token) in one pool."""
+    from minifastv.tiny import write_tiny_checkpoint
+
+    model = minifastv.load(write_tiny_checkpoint(tmp_path / "tiny-video", video=True), device="cpu", progress=False)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[1, 5, 6] + [config.image_token_id] * 256 + [7] + [config.video_token_id] * 2056 + [8, 9]])
+    pixels, videos = torch.randn(1, 3, 224, 224, generator=generator), torch.randn(1, 8, 3, 224, 224, generator=generator)
+    k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
+    expected = exact_prefill_flops(config, ids.shape[1], 256 + 2056, k, r, num_videos=1)
+    assert expected == counted_flops(model, ids, pixels, fastv, videos)
+
+
+def test_flops_cli_for_video_llava(capsys):
+    from minifastv.flops.__main__ import main
+
+    main(["--config", "video-llava-7b"])
+    out = capsys.readouterr().out
+    assert "36 text + 2056 video tokens" in out
+    # the paper's per-layer formula, by hand: n = 2092, n' = 36 + 1028, d = 4096, m = 11008
+    before, after = (4 * n * 4096**2 + 2 * n**2 * 4096 + 2 * n * 4096 * 11008 for n in (2092, 1064))
+    fast = (2 * before + 30 * after) / 32
+    assert f"{before / 1e9:.1f} -> {fast / 1e9:.1f} GFLOPs ({1 - fast / before:.1%} fewer)" in out
 
 
 def test_report_ratios():

@@ -17,7 +17,8 @@ def parse_args(argv):
                         help=f"{', '.join(PRESETS)}, or a config.json or model folder (default llava-1.5-13b, the paper's Table 1)")
     cli.add_fastv_arguments(parser)
     parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (default 36, as in the paper)")
-    parser.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
+    parser.add_argument("--images", type=int, help="images in the prompt (default 1, or 0 for Video-LLaVA)")
+    parser.add_argument("--videos", type=int, help="videos in the prompt, for Video-LLaVA (default 1 there, else 0)")
     return parser.parse_args(argv)
 
 
@@ -34,17 +35,25 @@ def main(argv=None):
     args = parse_args(argv)
     cli.check_fastv(args.k, args.r)
     cli.check_at_least("--text-tokens", args.text_tokens, 0)
-    cli.check_at_least("--images", args.images)
     config = model_config(args.config)
-    num_image = args.images * config.image_tokens_per_image
+    video_llava = config.video_token_id is not None
+    num_images = cli.check_at_least("--images", int(not video_llava) if args.images is None else args.images, 0)
+    num_videos = cli.check_at_least("--videos", int(video_llava) if args.videos is None else args.videos, 0)
+    if num_videos and not video_llava:
+        raise UsageError(f"--videos needs a Video-LLaVA config such as video-llava-7b: {args.config} has no video tower.")
+    if num_images + num_videos == 0:
+        raise UsageError("The prompt needs at least one image or video: FastV prunes their tokens.")
+    num_image = num_images * config.image_tokens_per_image + num_videos * config.tokens_per_video  # FastV's pool
     cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image)
     num_tokens = args.text_tokens + num_image
     layers = config.text.num_hidden_layers
     paper_base = paper_flops(config, args.text_tokens, num_image) / layers / 1e9
     paper_fast = paper_flops(config, args.text_tokens, num_image, args.k, args.r) / layers / 1e9
-    exact_base = exact_prefill_flops(config, num_tokens, num_image) / 1e12
-    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r) / 1e12
-    print(f"{args.config}: {args.text_tokens} text + {num_image} image tokens, FastV K={args.k} R={args.r}")
+    exact_base = exact_prefill_flops(config, num_tokens, num_image, num_videos=num_videos) / 1e12
+    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r, num_videos) / 1e12
+    kinds = " + ".join(part for part in (f"{num_images * config.image_tokens_per_image} image" * bool(num_images),
+                                         f"{num_videos * config.tokens_per_video} video" * bool(num_videos)) if part)
+    print(f"{args.config}: {args.text_tokens} text + {kinds} tokens, FastV K={args.k} R={args.r}")
     print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
     print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
           f"({1 - exact_fast / exact_base:.1%} fewer)")
