@@ -147,10 +147,12 @@ def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
 
     from minifastv.cli import DEFAULT_IMAGE
 
-    tiny = ["--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4"]
+    from minifastv.tiny import write_tiny_checkpoint
+
+    tiny_video = write_tiny_checkpoint(tmp_path / "tiny-video", video=True)
     small = {
-        "minifastv": tiny,
-        "minifastv.analyze": tiny + ["--image", str(DEFAULT_IMAGE), "--out", str(tmp_path / "analysis")],
+        "minifastv": [],
+        "minifastv.analyze": ["--out", str(tmp_path / "analysis")],
         "minifastv.bench": ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"],
         "minifastv.flops": [],
     }
@@ -159,7 +161,10 @@ def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
     assert module_commands and all(words[2] in small for words in module_commands), module_commands
     for words in module_commands:
         module = importlib.import_module(words[2] + (".__main__" if words[2] in ("minifastv", "minifastv.flops") else ""))
-        module.main(words[3:] + small[words[2]])
+        model = tiny_video if "--video" in words else cli_checkpoint  # a Video-LLaVA for a video, else a LLaVA
+        tiny = ["--model", str(model), "--device", "cpu", "--max-new-tokens", "4"] * (words[2] in ("minifastv", "minifastv.analyze"))
+        image = ["--image", str(DEFAULT_IMAGE)] * (words[2] == "minifastv.analyze" and "--video" not in words)
+        module.main(words[3:] + small[words[2]] + tiny + image)
         assert capsys.readouterr().out
 
 
@@ -205,3 +210,25 @@ def test_bench_numbers_say_how_they_were_made():
         claims = re.findall(r"median of (\d+)", (ROOT / path).read_text())
         assert claims, f"{path} quotes no bench numbers"
         assert all(int(claim) == repeats for claim in claims), f"{path} says median of {claims}, the bench runs {repeats}"
+
+
+def test_tutorial_video_numbers_are_what_flops_prints(capsys):
+    """Chapter 6 quotes python -m minifastv.flops --config video-llava-7b: the numbers are the command's."""
+    from minifastv.flops.__main__ import main
+
+    text = " ".join((ROOT / "tutorial.md").read_text().split())
+    for r in ("0.5", "0.75"):
+        main(["--config", "video-llava-7b", "--r", r])
+        out = capsys.readouterr().out
+        paper, exact = re.search(r"(\d+\.\d)% fewer\)\n.*\((\d+\.\d)% fewer\)", out).groups()
+        assert f"{paper}%" in text and f"{exact}%" in text, (paper, exact)
+        if r == "0.5":
+            numbers = re.findall(r"\d+\.\d+ -> \d+\.\d+", out)
+            assert all(number in text for number in numbers[:2]), numbers
+            both, video_only, cache, pruned_cache = re.search(
+                r"weights (\S+) GiB \((\S+) GiB with the video tower only\); the prompt's KV cache (\S+) -> (\S+) GiB", out).groups()
+            assert f"{both} GiB with both towers, {video_only} GiB with the video tower alone" in text
+            assert f"from {cache} GiB to {pruned_cache} GiB" in text
+            readme = " ".join((ROOT / "README.md").read_text().split())  # README quotes the R=0.5 figures too
+            assert f"{paper}% fewer FLOPs per layer" in readme
+            assert f"{video_only} GiB of weights and {pruned_cache} GiB of cache" in readme

@@ -93,3 +93,40 @@ def test_flops_cli_prints_table_1(capsys):
     assert "154.6 -> 84.6 GFLOPs" in out and "TFLOPs" in out
     main(["--config", str(DATA / "llava-1.5-7b-hf" / "config.json"), "--k", "3", "--r", "0.75"])
     assert "K=3 R=0.75" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: parameters and KV cache, counted by the formulas and measured on the model
+
+
+@pytest.mark.parametrize("name, towers", [("llava-1.5-7b", ("image", "video")), ("llava-1.5-13b", ("image", "video")),
+                                          ("video-llava-7b", ("image", "video")), ("video-llava-7b", ("video",))])
+def test_parameter_count_equals_the_model(name, towers):
+    from minifastv.flops import parameter_count
+
+    config = config_by_name(name)
+    with torch.device("meta"):
+        model = M.Llava(config)
+    if config.video_token_id is not None and towers == ("video",):
+        model.image_tower = None  # as load(towers=("video",)) leaves it out
+    assert parameter_count(config, towers) == sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_of_llava_7b_is_the_checkpoints():
+    from minifastv.flops import parameter_count
+
+    assert parameter_count(config_by_name("llava-1.5-7b")) == 7_063_427_072  # FACTS.md, from the hub's tensors
+
+
+@pytest.mark.parametrize("fastv", [None, M.FastV(2, 0.5), M.FastV(1, 0.75)])
+def test_kv_cache_bytes_equal_the_cache(hub_checkpoint, fastv):
+    from conftest import image_prompt, random_pixels
+
+    from minifastv.flops import kv_cache_bytes
+
+    model = minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float16, progress=False)
+    ids = image_prompt(2, 36)
+    stats = minifastv.GenerationStats()
+    model.generate(ids, random_pixels(2), max_new_tokens=1, fastv=fastv, stats=stats)  # the prompt's cache only
+    k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
+    assert kv_cache_bytes(model.config, ids.shape[1], 72, k, r) == stats.kv_cache_bytes

@@ -31,9 +31,12 @@ def test_notebook_is_valid_and_plain_python():
         compile(source, f"tutorial.ipynb cell {index}", "exec")
 
 
-def test_notebook_runs_on_a_tiny_checkpoint(cli_checkpoint, monkeypatch, capsys):
+def test_notebook_runs_on_a_tiny_checkpoint(cli_checkpoint, monkeypatch, capsys, tmp_path):
+    from minifastv.tiny import write_tiny_checkpoint
+
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MINIFASTV_MODEL", str(cli_checkpoint))
+    monkeypatch.setenv("MINIFASTV_VIDEO_MODEL", str(write_tiny_checkpoint(tmp_path / "tiny-video", video=True)))
     monkeypatch.setenv("MINIFASTV_DEVICE", "cpu")
     monkeypatch.setenv("MINIFASTV_MAX_NEW_TOKENS", "4")
     namespace = {"__name__": "__main__"}
@@ -43,6 +46,7 @@ def test_notebook_runs_on_a_tiny_checkpoint(cli_checkpoint, monkeypatch, capsys)
     assert "--- with FastV ---" in out and "image tokens 36 -> 18 kept" in out
     assert "system" in out and "image" in out  # the allocation table
     assert namespace["answer_mine"] is not None and namespace["stats_mine"].image_tokens_kept == 18
+    assert "video tokens 2056 -> 1028 kept" in out and namespace["video_model"].image_tower is None
 
 
 def run_setup_cell_on_colab(monkeypatch, repo_url=None, gpu=False):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 import minifastv
 import minifastv.model as M
@@ -556,3 +556,23 @@ def test_file_names_cover_both_towers():
     assert file_name("image_tower.layers.0.mlp.fc1.weight") == "image_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
     assert file_name("video_tower.embeddings.class_embedding", "transformers-save") == "video_tower.embeddings.class_embedding"
     assert file_name("video_tower.layers.1.layer_norm1.bias", "transformers") == "model.video_tower.encoder.layers.1.layer_norm1.bias"
+
+
+def cat_pan_frames():
+    """The example clip's frames, as minifastv/assets/README.md describes them."""
+    cat = Image.open(ROOT / "minifastv" / "assets" / "chelsea.png").convert("RGB")
+    width = round(cat.width * 224 / cat.height)
+    cat = cat.resize((width, 224), Image.BICUBIC)
+    return [cat.crop((x, 0, x + 224, 224)) for x in (round(i * (width - 224) / 11) for i in range(12))]
+
+
+def test_the_example_clip_is_the_cat_panned():
+    clip = ROOT / "minifastv" / "assets" / "chelsea_pan.webp"
+    assert clip.stat().st_size < 100_000
+    with Image.open(clip) as video:
+        assert video.n_frames == 12
+        stored = [np.asarray(frame.convert("RGB"), dtype=np.float32) for frame in ImageSequence.Iterator(video)]
+    for frame, expected in zip(stored, cat_pan_frames()):
+        assert np.abs(frame - np.asarray(expected, dtype=np.float32)).mean() < 6  # lossy WebP: ~4 here; a frame off by one: ~25
+    frames, note = load_video(clip)
+    assert note is None and len(frames) == 8 and frames[0].size == (224, 224)

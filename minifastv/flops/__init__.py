@@ -89,3 +89,32 @@ def prefill_flops_report(config, num_tokens, num_image_tokens, fastv=None, batch
     report["paper_ratio"] = report["paper"] / report["paper_unpruned"]
     report["exact_ratio"] = report["exact"] / report["exact_unpruned"]
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: what FastV's pruned KV cache saves, next to the weights
+
+
+def parameter_count(config, towers=("image", "video")):
+    """Parameters of the model for `config`: the decoder, the projector, and its CLIP tower(s). Video-LLaVA has two
+    towers of one shape; `towers` says which of them are loaded (checkpoint.load(towers=...))."""
+    text, vision = config.text, config.vision
+    d, c = text.hidden_size, vision.hidden_size
+    q_width, kv_width = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    decoder_layer = 2 * d * q_width + 2 * d * kv_width + 3 * d * text.intermediate_size + 2 * d  # + 2 RMSNorms
+    decoder = 2 * text.vocab_size * d + text.num_hidden_layers * decoder_layer + d  # embeddings, lm_head, final norm
+    clip_layer = 4 * (c * c + c) + 2 * c * vision.intermediate_size + vision.intermediate_size + c + 4 * c
+    tower = (vision.num_channels * vision.patch_size**2 * c + c + (vision.grid_size**2 + 1) * c  # patches, CLS, positions
+             + 4 * c + vision.num_hidden_layers * clip_layer)  # pre and post LayerNorm, the layers
+    num_towers = 1 if config.video_token_id is None else len(towers)
+    return decoder + (c * d + d + d * d + d) + num_towers * tower
+
+
+def kv_cache_bytes(config, num_tokens, num_image_tokens, k=None, r=0.0, bytes_per_value=2):
+    """Bytes of one sequence's KV cache after `num_tokens` tokens, `num_image_tokens` of them prunable: every layer
+    holds keys and values of every token, except layers >= K with FastV, which hold the kept ones."""
+    text = config.text
+    per_token_and_layer = 2 * text.num_key_value_heads * text.head_dim * bytes_per_value  # a key and a value
+    kept = num_tokens if k is None else kept_tokens(num_tokens, num_image_tokens, r)
+    layers_pruned = 0 if k is None else text.num_hidden_layers - k
+    return per_token_and_layer * ((text.num_hidden_layers - layers_pruned) * num_tokens + layers_pruned * kept)

@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import cli
 from ..checkpoint import PRESETS, config_by_name, read_config
 from ..errors import UsageError
-from . import exact_prefill_flops, paper_flops
+from . import exact_prefill_flops, kv_cache_bytes, paper_flops, parameter_count
 
 
 def parse_args(argv):
@@ -57,6 +57,13 @@ def main(argv=None):
     print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
     print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
           f"({1 - exact_fast / exact_base:.1%} fewer)")
+    gib = 2 * 2**-30  # float16: 2 bytes a value
+    weights = f"weights {parameter_count(config) * gib:.2f} GiB"
+    needed = ("image",) * bool(num_images) + ("video",) * bool(num_videos)
+    if video_llava and len(needed) == 1:  # load(towers=needed) leaves the other tower out
+        weights += f" ({parameter_count(config, needed) * gib:.2f} GiB with the {needed[0]} tower only)"
+    kv_base, kv_fast = (kv_cache_bytes(config, num_tokens, num_image, k, args.r) * 2**-30 for k in (None, args.k))
+    print(f"float16 memory: {weights}; the prompt's KV cache {kv_base:.2f} -> {kv_fast:.2f} GiB")
 
 
 def command(argv=None):
