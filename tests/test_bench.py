@@ -35,3 +35,22 @@ def test_bench_compares_with_transformers(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^\s*transformers\s+\d+\.\d\s+\d+\.\d", out, flags=re.MULTILINE), out
     assert re.search(r"minifastv / transformers: prefill time \d+\.\d\d", out)
+
+
+def test_bench_times_a_video_prompt(capsys):
+    """--video: a random Video-LLaVA-shaped model and a video prompt, 2,056 of its tokens video."""
+    bench.main(["--video", "--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "2056 of them video" in out and re.search(r"^\s*R=0\.50\s+\d+\.\d", out, flags=re.MULTILINE), out
+    assert "VideoLlavaForConditionalGeneration" in out  # the same weights through transformers' Video-LLaVA
+
+
+def test_video_twin_has_the_same_weights():
+    import torch
+
+    model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64, video=True)
+    twin = bench.transformers_twin(model)
+    ids, visual = bench.benchmark_prompt(model.config, 10, video=True)
+    with torch.no_grad():
+        difference = (model(ids, **visual) - twin(input_ids=ids, **visual).logits).abs().max().item()
+    assert difference < 1e-4
