@@ -552,9 +552,10 @@ class Llava(GenerationMixin, nn.Module):
 
     def video_features(self, pixel_values_videos):
         """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, hidden): each frame's CLS token, then its patches."""
-        size = self.config.vision.image_size
-        check_shape("pixel_values_videos", pixel_values_videos, (None, self.config.num_frames, 3, size, size))
-        frames = self.tower_features(self.video_tower, pixel_values_videos.flatten(0, 1), keep_cls=True)  # (V * 8, 257, hidden)
+        vision = self.config.vision
+        check_shape("pixel_values_videos", pixel_values_videos,
+                    (None, self.config.num_frames, vision.num_channels, vision.image_size, vision.image_size))
+        frames = self.tower_features(self.video_tower, pixel_values_videos.flatten(0, 1), keep_cls=True)  # (V * 8, 257, hid.)
         return frames.reshape(pixel_values_videos.shape[0], -1, frames.shape[-1])
 
     def embed(self, input_ids, pixel_values=None, pixel_values_videos=None):
