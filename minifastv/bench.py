@@ -1,30 +1,55 @@
-"""Benchmark FastV's prefill speed-up against its FLOPs prediction: python -m minifastv.bench
+"""Benchmark FastV on the machine at hand: python -m minifastv.bench
 
-By default it builds a random LLaVA-shaped model that fits a laptop (576 image tokens per image, a
-1024-wide 12-layer decoder with SwiGLU at 11/4 of the width, a small vision tower); --model runs a
-checkpoint instead: `--model tiny` (built offline in a second), or a real one, e.g.
-`python -m minifastv.bench --model llava-hf/llava-1.5-7b-hf --device cuda`. It prints, for each R at
-K=2: the prefill time, its ratio to the unpruned model, the FLOPs ratio (exact count), and how much of
-the predicted speed-up was realized; then the cost of FastV's scoring alone (R=0 against no FastV)
-and the KV-cache size. When transformers is installed, it also runs the same weights through
-transformers' LlavaForConditionalGeneration (SDPA) and compares prefill time, decode speed and, on
-CUDA, peak GPU memory.
+For K=2 and R = 0, 0.25, 0.5, 0.75 against no FastV, each number the median of --repeats runs taken in
+turns (so that drift hits every setting alike, after a warm-up round), the device synchronized around
+each run:
+- the prefill of one prompt (one image, or one video with --video), beside the speed-up its FLOPs
+  predict (exact count), the KV cache it leaves and, on CUDA, the peak GPU memory; the same prefill for a
+  batch of --batch prompts (default 8 on a GPU, none on the CPU);
+- the cost of FastV's scoring step alone;
+- decode speed, greedy, without FastV and at R=0.5, against its floor: the weights one decode step reads
+  (the decoder's layers and lm_head) over the device's measured copy bandwidth;
+- the same weights through transformers (SDPA): prefill time and decode speed.
+
+The model: by default a random LLaVA-shaped one that fits a laptop (576 image tokens per image, a
+1024-wide 12-layer decoder, a small vision tower). `--model random-7b` or `random-13b` builds random
+weights (normal, std 0.02) in the real checkpoints' shapes directly on the device: a GPU benchmark
+without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time the
+load). `--json FILE` writes every number, for a script to read.
 """
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from . import cli
-from .checkpoint import file_name, read_config
+from .checkpoint import config_by_name, file_name, read_config
 from .errors import UsageError
 from .flops import exact_prefill_flops
 from .generation import synchronize
 from .model import FastV, Llava, LlavaConfig, TextConfig, VisionConfig, attention_rows, fastv_rule
+
+RANDOM_MODELS = {"random-7b": "llava-1.5-7b", "random-13b": "llava-1.5-13b", "random-video-7b": "video-llava-7b"}
+NEW_TOKENS = 16  # tokens generated to time the decode
+
+
+def random_model(config, device, dtype, std=0.02, seed=0):
+    """A Llava with random weights (normal, std) in the shapes of `config`, made on the device in the dtype: no
+    download, no disk, and no float32 copy of a 7B model on the way."""
+    with torch.device("meta"):
+        model = Llava(config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = {name: torch.empty(tensor.shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+             for name, tensor in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model.init_rope()
+    return model.eval().requires_grad_(False)
 
 
 def random_llava(device, dtype, layers=12, width=1024, video=False):
@@ -37,11 +62,7 @@ def random_llava(device, dtype, layers=12, width=1024, video=False):
                             image_size=224 if video else 336, patch_size=14),
         video_token_id=32001 if video else None, pad_token_id=32002 if video else 32001,
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Llava(config)
-    model.init_rope()
-    return model.to(dtype).eval().requires_grad_(False)
+    return random_model(config, device, dtype)
 
 
 def benchmark_prompt(config, num_text_tokens=40, video=False):
@@ -63,22 +84,47 @@ def benchmark_prompt(config, num_text_tokens=40, video=False):
     return torch.tensor([[1] + before + visual_ids + after]), visual
 
 
+def batched(ids, visual, batch_size):
+    """The same prompt `batch_size` times: (B, T) ids and the visual input repeated."""
+    return ids.expand(batch_size, -1), {name: pixels.repeat(batch_size, *[1] * (pixels.ndim - 1)) for name, pixels in visual.items()}
+
+
+def timed(device, function):
+    """Seconds `function()` takes on `device`, the device's queue drained before and after."""
+    synchronize(device)
+    started = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 @torch.inference_mode()
 def time_prefills(model, ids, visual, settings, repeats):
-    """Median prefill seconds per setting; the settings take turns so that drift hits all alike."""
+    """Median prefill seconds per setting, and the KV-cache bytes it leaves; the settings take turns so that drift
+    hits all alike, after a warm-up round."""
     times = {name: [] for name in settings}
     caches = {}
-    for round_number in range(repeats + 1):  # round 0 warms up
+    for round_number in range(repeats + 1):
         for name, fastv in settings.items():
             cache = model.new_cache()
-            synchronize(model.device)
-            started = time.perf_counter()
-            model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
-            synchronize(model.device)
+            seconds = timed(model.device, lambda: model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True))
             if round_number:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(seconds)
             caches[name] = cache.nbytes()
     return {name: statistics.median(values) for name, values in times.items()}, caches
+
+
+@torch.inference_mode()
+def peak_prefill_memory(model, ids, visual, settings):
+    """Peak GPU bytes allocated during one prefill per setting (the weights included); None per setting off CUDA."""
+    if model.device.type != "cuda":
+        return {name: None for name in settings}
+    peaks = {}
+    for name, fastv in settings.items():
+        torch.cuda.reset_peak_memory_stats(model.device)
+        model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+        peaks[name] = torch.cuda.max_memory_allocated(model.device)
+    return peaks
 
 
 @torch.inference_mode()
@@ -92,15 +138,42 @@ def time_scoring(model, ids, visual, k, repeats=50):
 
     model(ids, **visual, fastv=FastV(k, 0.5, rule=spy), last_logits_only=True)
     inputs = captured["inputs"]
-    times = []
-    for _ in range(repeats + 1):
-        synchronize(model.device)
-        started = time.perf_counter()
+
+    def score():
         row = attention_rows(inputs.queries, inputs.keys, inputs.attention_mask)[:, :, -1]
         fastv_rule(dataclasses.replace(inputs, last_token_attention=row))
-        synchronize(model.device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+
+    return statistics.median(timed(model.device, score) for _ in range(repeats + 1))
+
+
+@torch.inference_mode()
+def decode_speeds(model, ids, visual, settings, repeats):
+    """Median decode tokens/s per setting: a greedy generate() of NEW_TOKENS tokens minus one of a single token,
+    over NEW_TOKENS - 1 steps, so that the prefill is not counted."""
+    speeds = {name: [] for name in settings}
+    for round_number in range(repeats + 1):
+        for name, fastv in settings.items():
+            one = timed(model.device, lambda: model.generate(ids, **visual, max_new_tokens=1, fastv=fastv, eos_token_id=-1))
+            many = timed(model.device, lambda: model.generate(ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv,
+                                                              eos_token_id=-1))
+            if round_number:
+                speeds[name].append((NEW_TOKENS - 1) / max(many - one, 1e-9))
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
+def copy_bandwidth(device, megabytes=1024 if torch.cuda.is_available() else 256, repeats=5):
+    """Bytes per second the device moves in a tensor copy, counting each byte read and written."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = statistics.median(timed(device, lambda: target.copy_(source)) for _ in range(repeats + 1))
+    return 2 * source.numel() / seconds
+
+
+def decode_step_bytes(model):
+    """The weight bytes one decode step reads: every decoder layer, the final norm and lm_head (the embedding table
+    gives one row; the vision tower and the projector do not run)."""
+    parts = [model.language_model.layers, model.language_model.norm, model.lm_head]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
 def transformers_twin(model, folder=None):
@@ -122,88 +195,164 @@ def transformers_twin(model, folder=None):
         text_config=transformers.LlamaConfig(**text), vision_config=transformers.CLIPVisionConfig(**dataclasses.asdict(config.vision)),
         image_token_index=config.image_token_id, pad_token_id=config.pad_token_id, **ids,
         vision_feature_layer=config.vision_feature_layer, vision_feature_select_strategy=config.vision_feature_select_strategy)
-    twin = model_class(hf_config).to(model.dtype)
-    twin.load_state_dict({file_name(name, "transformers"): tensor for name, tensor in model.state_dict().items()}, strict=True)
-    return twin.to(model.device).eval()
+    with torch.device(model.device):  # built in the model's dtype, where the model is
+        twin = model_class._from_config(hf_config, dtype=model.dtype)
+    state = {file_name(name, "transformers"): tensor for name, tensor in model.state_dict().items()}
+    twin.load_state_dict(state, strict=True, assign=True)  # takes minifastv's tensors: its own copy is freed
+    return twin.eval()
 
 
 @torch.inference_mode()
-def compare_with_transformers(model, twin, ids, visual, repeats, new_tokens=16):
-    """Median prefill seconds, decode tokens/s and peak GPU bytes of minifastv and of transformers.
-
-    Both are timed the same way: the prefill as one forward pass, the decode as the time of a greedy
-    generate() of `new_tokens` tokens minus that of a generate() of one token, over new_tokens - 1 steps.
-    """
+def compare_with_transformers(model, twin, ids, visual, repeats):
+    """Median prefill seconds and decode tokens/s of transformers on the same prompt, timed as minifastv's."""
     device = model.device
     visual = {name: pixels.to(device, model.dtype) for name, pixels in visual.items()}
-    runs = {
-        "transformers": {
-            "prefill": lambda: twin(input_ids=ids.to(device), **visual, logits_to_keep=1),
-            "generate": lambda n: twin.generate(input_ids=ids.to(device), **visual, max_new_tokens=n,
-                                                min_new_tokens=n, do_sample=False),
-        },
-        "minifastv": {
-            "prefill": lambda: model(ids, **visual, cache=model.new_cache(), last_logits_only=True),
-            "generate": lambda n: model.generate(ids, **visual, max_new_tokens=n, eos_token_id=-1),
-        },
-    }
+    ids = ids.to(device)
 
-    def timed(function):
-        synchronize(device)
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        return time.perf_counter() - started
+    def generate(n):
+        return twin.generate(input_ids=ids, **visual, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    results = {name: {"prefill": [], "decode": [], "memory": None} for name in runs}
-    for round_number in range(repeats + 1):  # round 0 warms up; the two take turns
-        for name, run in runs.items():
-            prefill = timed(run["prefill"])
-            one, many = timed(lambda: run["generate"](1)), timed(lambda: run["generate"](new_tokens))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                run["generate"](new_tokens)
-                results[name]["memory"] = torch.cuda.max_memory_allocated(device)
-            if round_number:
-                results[name]["prefill"].append(prefill)
-                results[name]["decode"].append((new_tokens - 1) / max(many - one, 1e-9))
-    return {name: {"prefill": statistics.median(r["prefill"]), "decode": statistics.median(r["decode"]),
-                   "memory": r["memory"]} for name, r in results.items()}
+    prefills, decodes = [], []
+    for round_number in range(repeats + 1):
+        prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
+        one, many = timed(device, lambda: generate(1)), timed(device, lambda: generate(NEW_TOKENS))
+        if round_number:
+            prefills.append(prefill)
+            decodes.append((NEW_TOKENS - 1) / max(many - one, 1e-9))
+    return {"prefill_ms": statistics.median(prefills) * 1e3, "decode_tokens_per_s": statistics.median(decodes)}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minifastv.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a llava-hf folder, a hub repo id, or 'tiny' (default: a random LLaVA-shaped model)")
+    parser.add_argument("--model", help=f"{', '.join(RANDOM_MODELS)} (random weights in the real shapes, built on the "
+                                        "device), a llava-hf folder, a hub repo id, or 'tiny' (default: a small random "
+                                        "LLaVA-shaped model)")
     cli.add_device_arguments(parser)
     parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting, the median is shown (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting, the median is shown (default 5)")
     parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
+    parser.add_argument("--batch", type=int, help="also time a batch of this many prompts (default 8 on a GPU, none on the CPU)")
     parser.add_argument("--video", action="store_true",
                         help="a video prompt (8 frames, 2,056 tokens) instead of an image: the random model is then "
                              "Video-LLaVA-shaped, and --model must be a Video-LLaVA checkpoint")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (default 12)")
-    parser.add_argument("--width", type=int, default=1024, help="decoder width of the random model, a multiple of 64 (default 1024)")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the default random model (default 12)")
+    parser.add_argument("--width", type=int, default=1024, help="decoder width of the default random model, a multiple of 64 (default 1024)")
     parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the comparison with transformers, which holds a second copy of the weights "
-                             "(loaded through host memory): needed where two copies do not fit, e.g. the 7B on a T4")
+                        help="skip the comparison with transformers (it shares minifastv's weights, but needs its "
+                             "own activations; with a checkpoint folder it loads a second copy)")
+    parser.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     return parser.parse_args(argv)
 
 
 def build_model(args, device, dtype):
-    """The model to time, with every argument checked first: a checkpoint (--model) or a random one."""
-    if args.model is None:
-        cli.check_at_least("--layers", args.layers, 2)
-        if args.width < 64 or args.width % 64:
-            raise UsageError(f"--width must be a multiple of 64, got {args.width}.")
-        cli.check_fastv(args.k, 0.0, args.layers)
-        return random_llava(device, dtype, args.layers, args.width, args.video), None
+    """(model, checkpoint folder or None, load seconds or None), every argument checked first."""
+    if args.model is None or args.model in RANDOM_MODELS:
+        if args.model is None:
+            cli.check_at_least("--layers", args.layers, 2)
+            if args.width < 64 or args.width % 64:
+                raise UsageError(f"--width must be a multiple of 64, got {args.width}.")
+            cli.check_fastv(args.k, 0.0, args.layers)
+            return random_llava(device, dtype, args.layers, args.width, args.video), None, None
+        config = config_by_name(RANDOM_MODELS[args.model])
+        if args.video != (config.video_token_id is not None):
+            raise UsageError(f"--model {args.model} {'has no' if args.video else 'needs a'} video: "
+                             f"use {'random-video-7b with --video' if args.video else '--video with random-video-7b'}.")
+        cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
+        return random_model(config, device, dtype), None, None
     folder = cli.model_folder(args.model)
     config = read_config(folder)
     cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
     if args.video and config.video_token_id is None:
         raise UsageError(f"--video needs a Video-LLaVA checkpoint: the model in {folder} has no video tower.")
-    return cli.load_model(folder, device, dtype, towers=("video",) if args.video else ("image",)), folder
+    started = time.perf_counter()
+    model = cli.load_model(folder, device, dtype, towers=("video",) if args.video else ("image",))
+    return model, folder, time.perf_counter() - started
+
+
+def setting_name(fastv):
+    return "no_fastv" if fastv is None else f"K{fastv.k}_R{fastv.r:g}"
+
+
+def measure(args, model, folder, load_seconds):
+    """Every number of the benchmark, as the JSON file holds them."""
+    device, config = model.device, model.config
+    ids, visual = benchmark_prompt(config, args.text_tokens, args.video)
+    if ids.shape[1] + NEW_TOKENS > config.text.max_position_embeddings:
+        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, too long for the "
+                         f"model's context of {config.text.max_position_embeddings} tokens.")
+    num_tokens, num_image_tokens = ids.shape[1], config.tokens_per_video if args.video else config.image_tokens_per_image
+    num_videos = int(args.video)
+    settings = {setting_name(fastv): fastv for fastv in [None] + [FastV(args.k, r) for r in (0.0, 0.25, 0.5, 0.75)]}
+    seconds, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
+    unpruned = exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=num_videos)
+    predicted = {name: unpruned / (unpruned if fastv is None else exact_prefill_flops(
+        config, num_tokens, num_image_tokens, fastv.k, fastv.r, num_videos)) for name, fastv in settings.items()}
+    batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
+    results = {
+        "model": args.model or "random LLaVA-shaped", "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "compiled": False, "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
+        "prefill_ms": {name: value * 1e3 for name, value in seconds.items()}, "predicted_speedup": predicted,
+        "kv_cache_bytes": cache_bytes, "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
+        "scoring_ms": time_scoring(model, ids, visual, args.k) * 1e3, f"prefill_ms_batch{batch}": None,
+        "load_seconds": load_seconds, "transformers": None,
+    }
+    if batch > 1:
+        batch_settings = {name: settings[name] for name in ("no_fastv", f"K{args.k}_R0.5", f"K{args.k}_R0.75")}
+        batch_seconds, _ = time_prefills(model, *batched(ids, visual, batch), batch_settings, args.repeats)
+        results[f"prefill_ms_batch{batch}"] = {name: value * 1e3 for name, value in batch_seconds.items()}
+    decode_settings = {name: settings[name] for name in ("no_fastv", f"K{args.k}_R0.5")}
+    results["decode_tokens_per_s"] = decode_speeds(model, ids, visual, decode_settings, args.repeats)
+    results["decode_floor_tokens_per_s"] = copy_bandwidth(device) / decode_step_bytes(model)
+    twin = None if args.no_transformers else transformers_twin(model, folder)
+    if twin is not None:
+        results["transformers"] = compare_with_transformers(model, twin, ids, visual, args.repeats)
+    return results
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def report(results, args, config):
+    """The numbers as tables, for people."""
+    text, k = config.text, args.k
+    kind = "video" if args.video else "image"
+    print(f"model: {results['model']} | decoder {text.hidden_size} wide, {text.num_hidden_layers} layers | device "
+          f"{results['device']} | {results['dtype']} | prompt {results['prompt_tokens']} tokens, {results['image_tokens']} "
+          f"of them {kind} | K={k} | median of {results['repeats']}")
+    print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} {'realized/predicted':>18} "
+          f"{'KV cache MB':>11} {'peak GPU MiB':>12}")
+    baseline = results["prefill_ms"]["no_fastv"]
+    for name, ms in results["prefill_ms"].items():
+        realized, predicted = baseline / ms, results["predicted_speedup"][name]
+        peak = results["peak_gpu_bytes"][name]
+        label = "no FastV" if name == "no_fastv" else f"R={float(name.split('_R')[1]):.2f}"
+        print(f"{label:>9} {ms:>10.1f} {realized:>8.2f}x {1 / predicted:>11.3f} {predicted:>8.2f}x {realized / predicted:>18.1%} "
+              f"{results['kv_cache_bytes'][name] / 2**20:>11.1f} {'-' if peak is None else f'{peak / 2**20:.0f}':>12}")
+    overhead = results["prefill_ms"][f"K{k}_R0"] / baseline - 1
+    print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise included); "
+          f"the scoring step alone {results['scoring_ms']:.2f} ms = {results['scoring_ms'] / baseline:.2%} of the prefill")
+    batch_key = next(key for key in results if key.startswith("prefill_ms_batch"))
+    if results[batch_key]:
+        plain = results[batch_key]["no_fastv"]
+        batch = ", ".join(f"R={name.split('_R')[1]} {ms:.1f} ms ({plain / ms:.2f}x, predicted "
+                          f"{results['predicted_speedup'][name]:.2f}x)" for name, ms in results[batch_key].items() if name != "no_fastv")
+        print(f"batch of {batch_key.removeprefix('prefill_ms_batch')}: no FastV {plain:.1f} ms, {batch}")
+    decode = results["decode_tokens_per_s"]
+    print(f"decode, greedy, {NEW_TOKENS} tokens: no FastV {decode['no_fastv']:.1f} tokens/s, R=0.5 {decode[f'K{k}_R0.5']:.1f} "
+          f"tokens/s; floor (weights read once a token, measured copy bandwidth) {results['decode_floor_tokens_per_s']:.1f} "
+          f"tokens/s: {decode['no_fastv'] / results['decode_floor_tokens_per_s']:.0%} of it")
+    if results["load_seconds"] is not None:
+        print(f"load: {results['load_seconds']:.1f} s")
+    theirs = results["transformers"]
+    if theirs is None:
+        print("transformers comparison skipped" + ("" if args.no_transformers else ": transformers is not installed"))
+        return
+    print(f"same weights through transformers (sdpa), unpruned: prefill {theirs['prefill_ms']:.1f} ms, decode "
+          f"{theirs['decode_tokens_per_s']:.1f} tokens/s")
+    print(f"minifastv / transformers: prefill time {baseline / theirs['prefill_ms']:.2f} (target <= 1.00), "
+          f"decode speed {decode['no_fastv'] / theirs['decode_tokens_per_s']:.2f}x")
 
 
 def main(argv=None):
@@ -211,54 +360,18 @@ def main(argv=None):
     cli.check_fastv(args.k, 0.0)
     cli.check_at_least("--repeats", args.repeats)
     cli.check_at_least("--text-tokens", args.text_tokens)
+    if args.batch is not None:
+        cli.check_at_least("--batch", args.batch, 0)
+    if args.json and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json} is a folder: give a file name.")
     device = cli.pick_device(args.device)
-    model, folder = build_model(args, device, cli.pick_dtype(args.dtype, device))
-    config = model.config
-    ids, visual = benchmark_prompt(config, args.text_tokens, args.video)
-    if ids.shape[1] + 16 > config.text.max_position_embeddings:  # 16: the tokens generated for transformers' comparison
-        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, too long for the "
-                         f"model's context of {config.text.max_position_embeddings} tokens.")
-    num_tokens, num_image_tokens = ids.shape[1], config.tokens_per_video if args.video else config.image_tokens_per_image
-    num_videos = int(args.video)
-    ratios = [0.0, 0.25, 0.5, 0.75]
-    settings = {"no FastV": None, **{f"R={r:.2f}": FastV(args.k, r) for r in ratios}}
-    seconds, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
-
-    text = config.text
-    print(f"model: {args.model or 'random LLaVA-shaped'} | decoder {text.hidden_size} wide, {text.num_hidden_layers} layers | "
-          f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}) | "
-          f"{model.dtype} | prompt {num_tokens} tokens, {num_image_tokens} of them {'video' if args.video else 'image'} | "
-          f"K={args.k} | median of {args.repeats}")
-    print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} {'realized/predicted':>18} {'KV cache MB':>11}")
-    baseline = seconds["no FastV"]
-    unpruned_flops = exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=num_videos)
-    for name, fastv in settings.items():
-        flops = unpruned_flops if fastv is None else exact_prefill_flops(config, num_tokens, num_image_tokens, fastv.k,
-                                                                          fastv.r, num_videos)
-        realized, predicted = baseline / seconds[name], unpruned_flops / flops
-        print(f"{name:>9} {seconds[name] * 1e3:>10.1f} {realized:>8.2f}x {flops / unpruned_flops:>11.3f} {predicted:>8.2f}x "
-              f"{realized / predicted:>18.1%} {cache_bytes[name] / 2**20:>11.1f}")
-    overhead = seconds["R=0.00"] / baseline - 1
-    scoring = time_scoring(model, ids, visual, args.k)
-    print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise included); "
-          f"the scoring step alone {scoring * 1e3:.2f} ms = {scoring / baseline:.2%} of the prefill")
-
-    twin = None if args.no_transformers else transformers_twin(model, folder)
-    if twin is None:
-        print("transformers comparison skipped" + ("" if args.no_transformers else ": transformers is not installed"))
-        return
-    import transformers
-
-    results = compare_with_transformers(model, twin, ids, visual, args.repeats)
-    print(f"same weights through transformers {transformers.__version__} {type(twin).__name__} (sdpa), "
-          f"unpruned, greedy, 16 new tokens:")
-    print(f"{'':>13} {'prefill ms':>10} {'decode tokens/s':>15} {'peak GPU MiB':>12}")
-    for name, r in results.items():
-        memory = f"{r['memory'] / 2**20:.0f}" if r["memory"] is not None else "-"
-        print(f"{name:>13} {r['prefill'] * 1e3:>10.1f} {r['decode']:>15.1f} {memory:>12}")
-    ours, theirs = results["minifastv"], results["transformers"]
-    print(f"minifastv / transformers: prefill time {ours['prefill'] / theirs['prefill']:.2f} (target <= 1.00), "
-          f"decode speed {ours['decode'] / theirs['decode']:.2f}x")
+    model, folder, load_seconds = build_model(args, device, cli.pick_dtype(args.dtype, device))
+    results = measure(args, model, folder, load_seconds)
+    report(results, args, model.config)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
 
 
 def command(argv=None):

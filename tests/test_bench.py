@@ -1,26 +1,87 @@
-"""The benchmark script runs and reports every setting (its numbers are for people, not for asserts)."""
+"""The benchmark runs and reports every setting; its JSON holds every number a GPU run needs (the numbers
+themselves are for people, not for asserts: only their structure and their arithmetic are checked)."""
 
+import json
 import re
 
+import pytest
+import torch
+
 from minifastv import bench
+from minifastv.checkpoint import config_by_name
+from minifastv.flops import exact_prefill_flops
+
+SMALL = ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"]
 
 
 def test_bench_reports_each_setting(capsys):
-    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu", "--no-transformers"])
+    bench.main(SMALL + ["--no-transformers"])
     out = capsys.readouterr().out
     for setting in ("no FastV", "R=0.00", "R=0.25", "R=0.50", "R=0.75"):
         assert re.search(rf"^\s*{re.escape(setting)}\s+\d+\.\d", out, flags=re.MULTILINE), out
-    assert "scoring overhead" in out and "576 of them image" in out
+    assert "scoring overhead" in out and "576 of them image" in out and "decode, greedy" in out
     # The FLOPs column falls with R: the prediction the timings are set against.
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s*(no FastV|R=)", line)]
-    ratios = [float(row[-4]) for row in rows]  # columns from the right: KV MB, realized, predicted, FLOPs ratio
+    ratios = [float(row[-5]) for row in rows]  # columns from the right: peak MiB, KV MB, realized, predicted, FLOPs ratio
     assert ratios[0] == 1.0 and ratios[1] == 1.0 and ratios[2] > ratios[3] > ratios[4]
 
 
-def test_transformers_twin_has_the_same_weights():
-    """The comparison is only fair if transformers runs the very same model: equal logits."""
-    import torch
+def test_bench_json_holds_every_number(tmp_path, capsys):
+    """What a GPU run reads back: every key the GPU issue names, with values of the right kind."""
+    path = tmp_path / "bench.json"
+    results = bench.main(SMALL + ["--batch", "8", "--json", str(path)])
+    assert f"wrote {path}" in capsys.readouterr().out
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(results))
+    settings = {"no_fastv", "K2_R0", "K2_R0.25", "K2_R0.5", "K2_R0.75"}
+    assert written["device"].startswith("cpu") and written["dtype"] == "float32" and written["compiled"] is False
+    assert (written["prompt_tokens"], written["image_tokens"]) == (616, 576)
+    assert set(written["prefill_ms"]) == set(written["predicted_speedup"]) == set(written["peak_gpu_bytes"]) == settings
+    assert all(value > 0 for value in written["prefill_ms"].values())
+    assert set(written["prefill_ms_batch8"]) == {"no_fastv", "K2_R0.5", "K2_R0.75"}
+    assert set(written["decode_tokens_per_s"]) == {"no_fastv", "K2_R0.5"} and written["decode_floor_tokens_per_s"] > 0
+    assert all(value is None for value in written["peak_gpu_bytes"].values())  # on the CPU
+    assert written["load_seconds"] is None  # a random model: nothing read from disk
+    assert set(written["transformers"]) == {"prefill_ms", "decode_tokens_per_s"}
+    # the predicted speed-ups are the exact FLOPs count's, computed here from the prompt's shape
+    config = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64).config
+    unpruned = exact_prefill_flops(config, 616, 576)
+    assert written["predicted_speedup"]["K2_R0.5"] == pytest.approx(unpruned / exact_prefill_flops(config, 616, 576, 2, 0.5))
+    assert written["predicted_speedup"]["no_fastv"] == 1.0
+    assert 0.999 < written["predicted_speedup"]["K2_R0"] < 1.0  # scoring alone costs a last row of attention
 
+
+def test_bench_times_a_checkpoint_load(tmp_path, monkeypatch):
+    import minifastv.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    results = bench.main(["--model", "tiny", "--device", "cpu", "--repeats", "1", "--no-transformers"])
+    assert results["load_seconds"] > 0 and results["prefill_ms_batch0"] is None  # no batch on the CPU by default
+
+
+def test_random_weights_in_the_real_shapes():
+    """random-7b's recipe on a small config: every tensor drawn on the device, in the dtype, with std 0.02."""
+    config = bench.random_llava(torch.device("cpu"), torch.float32, layers=2, width=128).config
+    model = bench.random_model(config, torch.device("cpu"), torch.bfloat16)
+    weights = torch.cat([p.float().flatten() for p in model.parameters()])
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001
+    assert model.rope_cos.dtype == torch.float32  # the rotary tables are built, in float32
+
+
+def test_random_models_name_the_real_configs():
+    assert {name: config_by_name(preset).text.num_hidden_layers for name, preset in bench.RANDOM_MODELS.items()} == {
+        "random-7b": 32, "random-13b": 40, "random-video-7b": 32}
+
+
+def test_decode_floor_counts_the_weights_a_step_reads():
+    model = bench.random_llava(torch.device("cpu"), torch.float32, layers=2, width=64)
+    decoder = sum(p.numel() for p in model.language_model.layers.parameters()) + 64 + model.lm_head.weight.numel()
+    assert bench.decode_step_bytes(model) == 4 * decoder  # no embedding table, vision tower or projector
+
+
+def test_transformers_twin_has_the_same_weights():
+    """The comparison is only fair if transformers runs the very same model: equal logits, shared tensors."""
     model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
     twin = bench.transformers_twin(model)
     ids, visual = bench.benchmark_prompt(model.config, 10)
@@ -28,26 +89,25 @@ def test_transformers_twin_has_the_same_weights():
         ours = model(ids, **visual)
         theirs = twin(input_ids=ids, **visual).logits
     assert (ours - theirs).abs().max().item() < 1e-4
+    assert twin.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()  # no second copy of the weights
 
 
 def test_bench_compares_with_transformers(capsys):
-    bench.main(["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    bench.main(SMALL)
     out = capsys.readouterr().out
-    assert re.search(r"^\s*transformers\s+\d+\.\d\s+\d+\.\d", out, flags=re.MULTILINE), out
+    assert re.search(r"same weights through transformers \(sdpa\), unpruned: prefill \d+\.\d ms", out), out
     assert re.search(r"minifastv / transformers: prefill time \d+\.\d\d", out)
 
 
 def test_bench_times_a_video_prompt(capsys):
     """--video: a random Video-LLaVA-shaped model and a video prompt, 2,056 of its tokens video."""
-    bench.main(["--video", "--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"])
+    results = bench.main(["--video"] + SMALL)
     out = capsys.readouterr().out
     assert "2056 of them video" in out and re.search(r"^\s*R=0\.50\s+\d+\.\d", out, flags=re.MULTILINE), out
-    assert "VideoLlavaForConditionalGeneration" in out  # the same weights through transformers' Video-LLaVA
+    assert results["image_tokens"] == 2056 and results["transformers"] is not None
 
 
 def test_video_twin_has_the_same_weights():
-    import torch
-
     model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64, video=True)
     twin = bench.transformers_twin(model)
     ids, visual = bench.benchmark_prompt(model.config, 10, video=True)

@@ -261,6 +261,12 @@ def bad_cases(checkpoint_folder, tmp_path_factory):
         ("bench", "odd width"): (["--device", "cpu", "--width", "100"], ["--width", "multiple of 64"]),
         ("bench", "missing folder"): (["--device", "cpu", "--model", "/nope"], ["no model folder /nope"]),
         ("bench", "truncated weights"): (["--device", "cpu", "--model", str(broken["truncated"])], ["model.safetensors", "truncated"]),
+        ("bench", "negative batch"): (["--device", "cpu", "--batch", "-1"], ["--batch", "at least 0"]),
+        ("bench", "json is a folder"): (["--device", "cpu", "--json", str(root)], ["--json", "is a folder"]),
+        ("bench", "random video model without --video"): (["--device", "cpu", "--model", "random-video-7b"],
+                                                          ["random-video-7b", "--video"]),
+        ("bench", "random image model with --video"): (["--device", "cpu", "--model", "random-7b", "--video"],
+                                                       ["random-7b", "random-video-7b"]),
         ("flops", "unknown config"): (["--config", "70b"], ["--config 70b", "llava-1.5-7b"]),
         ("flops", "missing config"): (["--config", str(root / "nope.json")], ["--config", "nope.json"]),
         ("flops", "broken config"): (["--config", str(broken["broken config.json"])], ["config.json", "not valid JSON"]),
@@ -292,7 +298,8 @@ def bad_case_ids():
     ids += [("analyze", "bad heatmap layers"), ("analyze", "out is a file")]
     ids += [("bench", name) for name in ("k too large", "k too large for the model", "nonsense device", "zero repeats",
                                          "negative text tokens", "too many text tokens", "one layer", "odd width",
-                                         "missing folder", "truncated weights")]
+                                         "missing folder", "truncated weights", "negative batch", "json is a folder",
+                                         "random video model without --video", "random image model with --video")]
     ids += [("flops", name) for name in ("unknown config", "missing config", "broken config", "k too large", "r one",
                                          "r negative", "negative text tokens", "no images", "r keeps no image token",
                                          "videos for llava", "nothing to prune", "negative videos")]

@@ -1,0 +1,172 @@
+"""One GPU run that measures what the GPU issue asks for: python tests/gpu_check.py OUT_FOLDER [--smoke]
+
+The lent GPU machines cannot download anything, so every model here is random, in the real shapes. The
+steps run in order; each writes its own files into OUT_FOLDER, and a step that fails writes its error
+and lets the next one run:
+1. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers;
+2. bench_7b.json/.txt: the bench on random-7b in bfloat16, eager: prefill per setting, batch 8, decode
+   against its floor, peak memory, transformers on the same weights;
+3. bench_video.json/.txt: the same for random-video-7b and a video prompt (2,056 video tokens);
+4. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
+   local disk, then read twice from the warm page cache, each in a fresh process: minifastv.load and
+   transformers' from_pretrained(device_map="cuda"), seconds and host-memory peak;
+5. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
+   LLaVA-7B to an image, and Video-LLaVA-7B (video tower only) to a video, each with and without FastV.
+
+--smoke runs the same steps on the CPU with small models, to check this script where no GPU is.
+"""
+
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_step(out, name, function):
+    started = time.perf_counter()
+    try:
+        function()
+        status = "ok"
+    except Exception:  # a measuring script: record the failure, go on with the next step
+        (out / f"{name}.error.txt").write_text(traceback.format_exc())
+        status = "failed"
+    print(f"{name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def module(out, name, args, timeout=900):
+    """python -m args..., its output into OUT/name.txt; raises when it fails."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    (out / f"{name}.txt").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited with {result.returncode}")
+
+
+def write_random_checkpoint(folder, preset, shards=3, smoke=False):
+    """A random float16 checkpoint (std 0.02) in the hub's tensor names, split into `shards` files with an index."""
+    import torch
+    from safetensors.torch import save_file
+
+    from minifastv.checkpoint import PRESETS, expected_tensors
+    from minifastv.model import LlavaConfig
+
+    values = json.loads(json.dumps(PRESETS[preset]))
+    values.update(model_type="llava", image_token_index=32000, pad_token_id=32001, vocab_size=32064)
+    values["text_config"].update(model_type="llama")
+    values["vision_config"].update(model_type="clip_vision_model")
+    if smoke:
+        values["text_config"].update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(values, indent=2))
+    names = list(expected_tensors(LlavaConfig.from_dict(values)).items())
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for shard in range(shards):
+        part = names[shard::shards]
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({name: torch.empty(shape, dtype=torch.float16).normal_(0, 0.02, generator=generator) for name, shape in part},
+                  folder / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+LOADER = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+started = time.perf_counter()
+if {which!r} == "minifastv":
+    import minifastv
+    model = minifastv.load({folder!r}, device={device!r}, dtype=torch.float16, progress=False)
+else:
+    from transformers import LlavaForConditionalGeneration
+    on_gpu = dict(device_map="cuda") if {device!r} == "cuda" else {{}}  # device_map needs accelerate
+    model = LlavaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.float16, **on_gpu)
+if {device!r} == "cuda":
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - started
+print(json.dumps({{"seconds": seconds, "host_peak_increase": status("VmHWM") - before}}))
+"""
+
+
+def time_loads(out, smoke):
+    folder = write_random_checkpoint(Path("/tmp/minifastv-random-7b"), "llava-1.5-7b", smoke=smoke)
+    size = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    device = "cpu" if smoke else "cuda"
+    for file in folder.glob("*.safetensors"):  # warm the page cache, as a second load would find it
+        file.read_bytes()
+    results = {"checkpoint_bytes": size, "device": device}
+    for which in ("minifastv", "transformers"):
+        code = LOADER.format(root=str(ROOT), which=which, folder=str(folder), device=device)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        results[which] = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else result.stderr[-2000:]
+    (out / "load.json").write_text(json.dumps(results, indent=2))
+
+
+def peak_memory(out, smoke):
+    """float16 peak GPU memory of a 32-token answer, with and without FastV (or, with --smoke, that it runs)."""
+    import torch
+
+    import minifastv
+    from minifastv import bench
+    from minifastv.checkpoint import config_by_name
+
+    device = torch.device("cpu" if smoke else "cuda")
+    results = {}
+    for preset, video in (("llava-1.5-7b", False), ("video-llava-7b", True)):
+        config = config_by_name(preset)
+        if smoke:  # the shapes' geometry, narrower and shallower
+            config.text.hidden_size, config.text.intermediate_size, config.text.num_attention_heads = 256, 688, 2
+            config.text.num_key_value_heads, config.text.head_dim = 2, 128
+            config.text.num_hidden_layers, config.vision.num_hidden_layers = 3, 2
+        model = bench.random_model(config, device, torch.float16)
+        if video:
+            model.image_tower = None  # load(towers=("video",)): a video question needs the video tower only
+        ids, visual = bench.benchmark_prompt(config, 40, video=video)
+        for fastv in (None, minifastv.FastV(2, 0.5)):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model.generate(ids, **visual, max_new_tokens=32, fastv=fastv, eos_token_id=-1)
+            key = f"{preset}{'_video_tower_only' if video else ''}_{'fastv_K2_R0.5' if fastv else 'no_fastv'}"
+            results[key] = {"allocated": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                            "reserved": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,
+                            "prompt_tokens": ids.shape[1]}
+        del model
+    results["device_total"] = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else None
+    (out / "memory.json").write_text(json.dumps(results, indent=2))
+
+
+def main():
+    out = Path(sys.argv[1])
+    smoke = "--smoke" in sys.argv
+    out.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        bench = ["--device", "cpu", "--layers", "3", "--width", "64", "--repeats", "1", "--batch", "2"]
+        models = ([], ["--video"])
+    else:
+        bench = ["--device", "cuda", "--dtype", "bfloat16"]
+        models = (["--model", "random-7b"], ["--model", "random-video-7b", "--video"])
+    if not smoke:
+        run_step(out, "cuda_tests", lambda: module(out, "cuda_tests", ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]))
+    for name, model in zip(("bench_7b", "bench_video"), models):
+        run_step(out, name, lambda: module(out, name, ["minifastv.bench", *model, *bench, "--json", str(out / f"{name}.json")]))
+    run_step(out, "load", lambda: time_loads(out, smoke))
+    run_step(out, "memory", lambda: peak_memory(out, smoke))
+
+
+if __name__ == "__main__":
+    main()
