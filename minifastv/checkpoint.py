@@ -250,6 +250,26 @@ def read_tensor(f, entry, file):
     return torch.frombuffer(buffer, dtype=READABLE_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
+def upload_tensor(f, entry, file, device, staging):
+    """One tensor of an open .safetensors file onto `device`, read chunk by chunk through one reusable host buffer,
+    `staging`: the host never holds the tensor, and from pinned (page-locked) memory a GPU copies at the full speed
+    of its bus, where a fresh buffer per tensor would be paged in and copied through the driver's own."""
+    raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8, device=device)  # the tensor's bytes
+    host = memoryview(staging.numpy())
+    f.seek(entry.begin)
+    for start in range(0, raw.numel(), staging.numel()):
+        size = min(staging.numel(), raw.numel() - start)
+        if f.readinto(host[:size]) != size:  # the file shrank since its header was checked
+            raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+        raw[start : start + size].copy_(staging[:size])  # waits for the copy: the buffer can be refilled next
+    return raw.view(READABLE_DTYPES[entry.dtype]).view(entry.shape)
+
+
+def staging_buffer(device, megabytes=64):
+    """The host buffer upload_tensor reads through for a GPU (pinned memory), or None: the CPU reads tensor by tensor."""
+    return torch.empty(megabytes * 2**20, dtype=torch.uint8, pin_memory=True) if device.type == "cuda" else None
+
+
 def safetensors_files(folder):
     """The checkpoint's .safetensors files, from the shard index when there is one."""
     index = folder / "model.safetensors.index.json"
@@ -322,7 +342,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
 
     from tqdm.auto import tqdm  # the progress bar huggingface-hub uses for downloads
 
-    state = {}
+    state, staging = {}, staging_buffer(device)
     total = sum(entry.end - entry.begin for entries in plan.values() for entry in entries)
     # A `with` block closes the bar, ending its line, even when an error stops the loading.
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, file=sys.stderr) as bar:
@@ -330,10 +350,12 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
             bar.set_postfix_str(file.name)
             with open(file, "rb") as f:
                 for entry in entries:
-                    tensor = read_tensor(f, entry, file)
-                    state[model_name(entry.name)] = tensor.to(device=device, dtype=dtype)
+                    if staging is None:  # the CPU (or meta): one tensor at a time in host memory
+                        tensor = read_tensor(f, entry, file).to(device=device, dtype=dtype)
+                    else:  # a GPU: through the pinned buffer, then cast on the GPU
+                        tensor = upload_tensor(f, entry, file, device, staging).to(dtype)
+                    state[model_name(entry.name)] = tensor
                     bar.update(entry.end - entry.begin)
-                    del tensor  # on a GPU, the host copy is garbage now: host memory holds one tensor
     model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
     model.init_rope()
     return model.eval().requires_grad_(False)

@@ -518,3 +518,42 @@ def test_hub_failure_is_one_line_even_when_the_hub_says_more(tmp_path, monkeypat
         load("someone/some-model", device="cpu")
     message = str(error.value)
     assert "\n" not in message and "someone/some-model" in message and "Please check your connection" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU path: tensors read chunk by chunk through one reusable staging buffer (pinned on a GPU)
+
+
+def test_upload_through_a_small_staging_buffer_gives_the_same_tensors(hub_checkpoint):
+    """A 1 KiB buffer: most tensors take several chunks, and the last chunk of each is partial."""
+    file = hub_checkpoint / "model.safetensors"
+    staging = torch.empty(1024, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        for entry in checkpoint.read_header(file):
+            direct = checkpoint.read_tensor(f, entry, file)
+            uploaded = checkpoint.upload_tensor(f, entry, file, torch.device("cpu"), staging)
+            assert uploaded.dtype == direct.dtype and torch.equal(uploaded, direct), entry.name
+
+
+def test_loading_through_the_staging_buffer_gives_the_same_model(hub_checkpoint, monkeypatch, tiny_prompt,
+                                                                  reference_logits):
+    """The whole load on the GPU path, run on the CPU with a small unpinned buffer, and a dtype cast after it."""
+    monkeypatch.setattr(checkpoint, "staging_buffer", lambda device: torch.empty(4096, dtype=torch.uint8))
+    model = load(str(hub_checkpoint), device="cpu", dtype=torch.float32, progress=False)
+    assert (logits_of(model, *tiny_prompt) - reference_logits).abs().max().item() <= 1e-5
+    half = load(str(hub_checkpoint), device="cpu", dtype=torch.float16, progress=False)
+    assert half.lm_head.weight.dtype == torch.float16
+    assert torch.equal(half.lm_head.weight, model.lm_head.weight.half())
+
+
+def test_a_file_that_shrinks_while_uploading_is_caught(hub_checkpoint, tmp_path):
+    file = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt") / "model.safetensors"
+    entries = checkpoint.read_header(file)
+    with open(file, "r+b") as f:
+        f.truncate(entries[-1].begin + 1)
+        with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}"):
+            checkpoint.upload_tensor(f, entries[-1], file, torch.device("cpu"), torch.empty(64, dtype=torch.uint8))
+
+
+def test_no_staging_buffer_on_the_cpu():
+    assert checkpoint.staging_buffer(torch.device("cpu")) is None
