@@ -41,16 +41,21 @@ def tiny_hf_model(seed=0, **config_kwargs):
     return model
 
 
+# transformers' parameter name prefixes -> the hub's, as the llava-hf and LanguageBind downloads spell them
+HUB_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.vision_tower.", "vision_tower.vision_model."), ("model.image_tower.", "image_tower.vision_model."),
+                ("model.video_tower.", "video_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
 def save_hub_style(hf_model, folder):
-    """Write the checkpoint with the names of the llava-hf hub files (vision_tower.vision_model.*)."""
+    """Write the checkpoint with the names of the hub files (vision_tower.vision_model.*, language_model.model.*)."""
     from safetensors.torch import save_file
 
     hf_model.save_pretrained(folder)  # config.json and transformers' own tensor names
     state = {}
     for name, tensor in hf_model.state_dict().items():
-        hub = name.replace("model.language_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
-        hub = hub.replace("model.vision_tower.", "vision_tower.vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
-        state[hub] = tensor.contiguous()
+        old, new = next(((old, new) for old, new in HUB_PREFIXES if name.startswith(old)), ("", ""))
+        state[new + name.removeprefix(old)] = tensor.contiguous()
     for old in Path(folder).glob("*.safetensors*"):
         old.unlink()
     save_file(state, Path(folder) / "model.safetensors", metadata={"format": "pt"})

@@ -23,7 +23,7 @@ from minifastv import analyze, cli
 from minifastv.checkpoint import file_name, read_config
 from minifastv.video import load_video, preprocess_video, sample_indices
 
-from conftest import REFERENCE, left_pad
+from conftest import REFERENCE, left_pad, save_hub_style
 
 IMAGE_TOKEN, VIDEO_TOKEN, PAD_TOKEN = 32000, 32001, 32002
 IMAGE_SIZE, FRAMES = 56, 8
@@ -51,27 +51,6 @@ def tiny_video_llava(seed=0, attn="sdpa"):
                 p.normal_(0.0, 0.08)
     model.set_attn_implementation(attn)
     return model
-
-
-def save_hub_style(hf_video, folder):
-    """The checkpoint with the hub's names (image_tower.vision_model.*, language_model.model.*)."""
-    from safetensors.torch import save_file
-
-    hf_video.save_pretrained(folder)
-    renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-               ("model.image_tower.", "image_tower.vision_model."), ("model.video_tower.", "video_tower.vision_model."),
-               ("model.multi_modal_projector.", "multi_modal_projector."))
-    state = {}
-    for name, tensor in hf_video.state_dict().items():
-        for old, new in renames:
-            if name.startswith(old):
-                name = new + name.removeprefix(old)
-                break
-        state[name] = tensor.contiguous()
-    for old in Path(folder).glob("*.safetensors*"):
-        old.unlink()
-    save_file(state, Path(folder) / "model.safetensors", metadata={"format": "pt"})
-    return Path(folder)
 
 
 @pytest.fixture(scope="module")
