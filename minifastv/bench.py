@@ -290,7 +290,7 @@ def measure(args, model, folder, load_seconds):
         config, num_tokens, num_image_tokens, fastv.k, fastv.r, num_videos)) for name, fastv in settings.items()}
     batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
     results = {
-        "model": args.model or "random LLaVA-shaped", "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "model": args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped", "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
         "compiled": False, "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
         "prefill_ms": {name: value * 1e3 for name, value in seconds.items()}, "predicted_speedup": predicted,
         "kv_cache_bytes": cache_bytes, "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
