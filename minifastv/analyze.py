@@ -239,7 +239,7 @@ def kept_image_tokens(model, input_ids, pixel_values, fastv, pixel_values_videos
 
 def kept_patch_grids(kept, input_ids, config):
     """(pictures, grid, grid) bool, True where a patch's token was kept: the images, then every video frame."""
-    visual_ids = input_ids.reshape(-1)[torch.isin(input_ids.reshape(-1), torch.tensor(config.visual_token_ids))]
+    visual_ids = input_ids.reshape(-1)[config.is_visual(input_ids.reshape(-1))]
     is_video, frame, patch = (part[0] for part in visual_layout(visual_ids[None].cpu(), config))  # (N,) each
     num_images = int((~is_video).sum()) // config.image_tokens_per_image
     picture = torch.where(is_video, num_images + frame, frame)  # images first, then the frames in order
@@ -273,7 +273,7 @@ def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rule
     pictures += [] if pixel_values_videos is None else list(pixel_values_videos.flatten(0, 1))  # every frame
     pictures = [preprocessed_image(pixels, image_config) for pixels in pictures]
     side = pictures[0].width
-    num_image_tokens = int(torch.isin(input_ids, torch.tensor(model.config.visual_token_ids)).sum())
+    num_image_tokens = int(model.config.is_visual(input_ids).sum())
     columns = []
     for rule in rules:
         torch.manual_seed(0)  # random_rule draws from torch's global generator: the same picture every run

@@ -126,7 +126,7 @@ def prepare_question(args, use_fastv=True):
     video_paths = [args.video] if args.video else []
     tokenizer, input_ids, pixel_values, pixel_values_videos = encode_question(
         folder, config, image_paths, video_paths, args.prompt, args.pad, args.max_new_tokens)
-    num_image_tokens = int(torch.isin(input_ids, torch.tensor(config.visual_token_ids)).sum())
+    num_image_tokens = int(config.is_visual(input_ids).sum())
     fastv = check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image_tokens) if use_fastv else None
     towers = ("image",) * bool(image_paths) + ("video",) * bool(video_paths)  # Video-LLaVA loads only these
     return SimpleNamespace(device=device, dtype=pick_dtype(args.dtype, device), folder=folder, config=config,

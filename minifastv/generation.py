@@ -71,8 +71,7 @@ class GenerationStats:
 
     def record_prefill(self, config, input_ids, cache, fastv, seconds):
         self.prompt_tokens = input_ids.shape[1]
-        visual_ids = torch.tensor(config.visual_token_ids, device=input_ids.device)
-        self.image_tokens = int(torch.isin(input_ids[0], visual_ids).sum())
+        self.image_tokens = int(config.is_visual(input_ids[0]).sum())
         self.video_tokens = int((input_ids[0] == config.video_token_id).sum()) if config.video_token_id is not None else 0
         self.image_tokens_kept = self.image_tokens
         pruned = cache.pruned_at is not None

@@ -115,6 +115,10 @@ class LlavaConfig:
     def visual_token_ids(self):
         return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
 
+    def is_visual(self, input_ids):
+        """True where input_ids holds an <image> or <video> placeholder: the tokens FastV ranks, as one pool."""
+        return torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+
     @classmethod
     def from_dict(cls, values):
         """A config from config.json's values (checkpoint.read_config also checks their types and ranges)."""
@@ -470,10 +474,7 @@ class FastV:
 
 def visual_layout(visual_ids, config: LlavaConfig):
     """For the image tokens (B, N) of a prompt, in order: is_video, frame and patch, as PruningInputs has them.
-
-    Images and video frames are counted apart, each in the order of the prompt; a frame's CLS token comes
-    first (patch -1), as does an image's with the "full" feature strategy.
-    """
+    Images and frames are counted apart; a frame's CLS token (patch -1) comes first, as does a "full" image's."""
     is_video = visual_ids != config.image_token_id  # (B, N): the only other visual token is <video>
     rank = torch.where(is_video, is_video.cumsum(1), (~is_video).cumsum(1)) - 1  # index among its kind's tokens
     per_item = torch.where(is_video, config.vision.grid_size**2 + 1, config.image_tokens_per_image)
@@ -604,7 +605,7 @@ class Llava(GenerationMixin, nn.Module):
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
-        is_image = torch.isin(input_ids, torch.tensor(self.config.visual_token_ids, device=device))  # (B, T)
+        is_image = self.config.is_visual(input_ids)  # (B, T): image and video tokens
         prune_now = fastv is not None and bool(is_image.any())
         if prune_now and key_mask.shape[1] != T:
             raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
