@@ -146,18 +146,23 @@ def time_scoring(model, ids, visual, k, repeats=50):
     return statistics.median(timed(model.device, score) for _ in range(repeats + 1))
 
 
+def decode_speed(device, generate):
+    """Decode tokens/s of `generate(n)`: the time of NEW_TOKENS tokens minus that of one, over NEW_TOKENS - 1 steps,
+    so that the prefill is not counted. minifastv and transformers are timed alike."""
+    one, many = timed(device, lambda: generate(1)), timed(device, lambda: generate(NEW_TOKENS))
+    return (NEW_TOKENS - 1) / max(many - one, 1e-9)
+
+
 @torch.inference_mode()
 def decode_speeds(model, ids, visual, settings, repeats):
-    """Median decode tokens/s per setting: a greedy generate() of NEW_TOKENS tokens minus one of a single token,
-    over NEW_TOKENS - 1 steps, so that the prefill is not counted."""
+    """Median decode tokens/s per setting, greedy, the settings taking turns after a warm-up round."""
     speeds = {name: [] for name in settings}
     for round_number in range(repeats + 1):
         for name, fastv in settings.items():
-            one = timed(model.device, lambda: model.generate(ids, **visual, max_new_tokens=1, fastv=fastv, eos_token_id=-1))
-            many = timed(model.device, lambda: model.generate(ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv,
-                                                              eos_token_id=-1))
+            speed = decode_speed(model.device, lambda n: model.generate(ids, **visual, max_new_tokens=n, fastv=fastv,
+                                                                        eos_token_id=-1))
             if round_number:
-                speeds[name].append((NEW_TOKENS - 1) / max(many - one, 1e-9))
+                speeds[name].append(speed)
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
@@ -215,10 +220,10 @@ def compare_with_transformers(model, twin, ids, visual, repeats):
     prefills, decodes = [], []
     for round_number in range(repeats + 1):
         prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
-        one, many = timed(device, lambda: generate(1)), timed(device, lambda: generate(NEW_TOKENS))
+        decode = decode_speed(device, generate)
         if round_number:
             prefills.append(prefill)
-            decodes.append((NEW_TOKENS - 1) / max(many - one, 1e-9))
+            decodes.append(decode)
     return {"prefill_ms": statistics.median(prefills) * 1e3, "decode_tokens_per_s": statistics.median(decodes)}
 
 
