@@ -76,12 +76,17 @@ def read_config(folder_or_file):
     return config
 
 
+def _is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int too
+
+
 def check_config(config):
     """Every size a positive integer, every id an integer inside the vocabulary, shapes that fit together."""
     for part in (config.text, config.vision):
         for field in fields(part):
-            value, number = getattr(part, field.name), (int, float) if field.type is float else int
-            if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
+            value = getattr(part, field.name)
+            is_number = _is_integer(value) or (field.type is float and isinstance(value, float))
+            if not is_number or not math.isfinite(value):
                 raise CheckpointError(f"{field.name} must be {'a number' if field.type is float else 'an integer'}, got {value!r}.")
             if field.name != "eos_token_id" and not value > 0:
                 raise CheckpointError(f"{field.name} must be positive, got {value!r}.")
@@ -90,9 +95,9 @@ def check_config(config):
         value = getattr(config, name)
         if name == "video_token_id" and value is None:  # LLaVA: no video
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < text.vocab_size:
+        if not _is_integer(value) or not 0 <= value < text.vocab_size:
             raise CheckpointError(f"{name} must be a token id below the vocabulary size {text.vocab_size}, got {value!r}.")
-    if isinstance(config.num_frames, bool) or not isinstance(config.num_frames, int) or config.num_frames < 1:
+    if not _is_integer(config.num_frames) or config.num_frames < 1:
         raise CheckpointError(f"video_seq_length must hold at least one frame, got {config.num_frames!r} frames.")
     if text.num_attention_heads % text.num_key_value_heads:
         raise CheckpointError(f"num_attention_heads {text.num_attention_heads} is not a multiple of "
@@ -104,7 +109,7 @@ def check_config(config):
         raise CheckpointError(f"image_size {vision.image_size} is smaller than one patch ({vision.patch_size}).")
     if config.vision_feature_select_strategy not in ("default", "full"):
         raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', got {config.vision_feature_select_strategy!r}.")
-    if isinstance(config.vision_feature_layer, bool) or not isinstance(config.vision_feature_layer, int):
+    if not _is_integer(config.vision_feature_layer):
         raise CheckpointError(f"minifastv reads one vision_feature_layer, not {config.vision_feature_layer!r}.")
     if not -vision.num_hidden_layers - 1 <= config.vision_feature_layer <= vision.num_hidden_layers:
         raise CheckpointError(f"vision_feature_layer {config.vision_feature_layer} is not a layer of the vision tower.")
@@ -189,7 +194,7 @@ def _unique_keys(pairs):
 
 
 def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _is_integer(value) and value >= 0
 
 
 def read_header(file):
@@ -241,12 +246,17 @@ def read_header(file):
     return entries
 
 
+def read_exactly(f, buffer, entry, file):
+    """Fill `buffer` from the file's current position; a short read means the file shrank since its header was read."""
+    if f.readinto(buffer) != len(buffer):
+        raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+
+
 def read_tensor(f, entry, file):
     """One tensor of an open .safetensors file, in its own CPU buffer (host memory: this tensor only)."""
     f.seek(entry.begin)
     buffer = bytearray(entry.end - entry.begin)
-    if f.readinto(buffer) != len(buffer):  # the file shrank since its header was checked
-        raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+    read_exactly(f, buffer, entry, file)
     return torch.frombuffer(buffer, dtype=READABLE_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
@@ -259,8 +269,7 @@ def upload_tensor(f, entry, file, device, staging):
     f.seek(entry.begin)
     for start in range(0, raw.numel(), staging.numel()):
         size = min(staging.numel(), raw.numel() - start)
-        if f.readinto(host[:size]) != size:  # the file shrank since its header was checked
-            raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+        read_exactly(f, host[:size], entry, file)
         raw[start : start + size].copy_(staging[:size])  # waits for the copy: the buffer can be refilled next
     return raw.view(READABLE_DTYPES[entry.dtype]).view(entry.shape)
 
