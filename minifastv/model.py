@@ -605,7 +605,7 @@ class Llava(GenerationMixin, nn.Module):
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
-        is_image = self.config.is_visual(input_ids)  # (B, T): image and video tokens
+        is_image = self.config.is_visual(input_ids) if fastv is not None else None  # (B, T): image and video tokens
         prune_now = fastv is not None and bool(is_image.any())
         if prune_now and key_mask.shape[1] != T:
             raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
