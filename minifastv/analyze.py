@@ -83,7 +83,8 @@ def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_lay
 
     The same steps as Llava.forward, without cache or FastV: embed, rotary angles, mask, layers.
     """
-    classes = token_classes(input_ids, model.config.visual_token_ids, num_output).to(model.device)
+    classes = token_classes(input_ids, [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None],
+                            num_output).to(model.device)
     one_hot = F.one_hot(classes, len(CLASSES)).float()  # (T, 4)
     input_ids = input_ids.to(model.device)
     x = model.embed(input_ids, pixel_values, pixel_values_videos)  # (1, T, C)

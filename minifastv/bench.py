@@ -15,12 +15,15 @@ The model: by default a random LLaVA-shaped one that fits a laptop (576 image to
 1024-wide 12-layer decoder, a small vision tower). `--model random-7b` or `random-13b` builds random
 weights (normal, std 0.02) in the real checkpoints' shapes directly on the device: a GPU benchmark
 without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time the
-load). `--json FILE` writes every number, for a script to read.
+load). `--json FILE` writes every number, for a script to read. `--compile` times the compiled path
+(minifastv/compiled.py) after warm-up runs that compile it; run the bench with and without it to compare.
 """
 
 import argparse
 import dataclasses
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -70,7 +73,7 @@ def benchmark_prompt(config, num_text_tokens=40, video=False):
     of the vocabulary. Returns the ids (1, T) and the model's visual input, {"pixel_values": ...} or
     {"pixel_values_videos": ...}."""
     generator = torch.Generator().manual_seed(0)
-    special = (*config.visual_token_ids, config.pad_token_id)
+    special = (config.image_token_id, config.video_token_id, config.pad_token_id)
     words = torch.tensor([i for i in range(3, config.text.vocab_size) if i not in special])
     before = words[torch.randint(len(words), (num_text_tokens // 2,), generator=generator)].tolist()
     after = words[torch.randint(len(words), (num_text_tokens - num_text_tokens // 2 - 1,), generator=generator)].tolist()
@@ -247,6 +250,7 @@ def parse_args(argv):
                         help="skip the comparison with transformers (it shares minifastv's weights, but needs its "
                              "own activations; with a checkpoint folder it loads a second copy)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
+    cli.add_compile_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -294,9 +298,13 @@ def measure(args, model, folder, load_seconds):
     predicted = {name: unpruned / (unpruned if fastv is None else exact_prefill_flops(
         config, num_tokens, num_image_tokens, fastv.k, fastv.r, num_videos)) for name, fastv in settings.items()}
     batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
+    compile_seconds = None
+    if args.compile:  # every shape the timings will use, run once: compiling happens here, not in a timing
+        compile_seconds = cli.compile_and_warm_up(model, lambda: warm_up(model, ids, visual, settings, batch))
     results = {
         "model": args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped", "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
-        "compiled": False, "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
+        "machine": machine_name(), "torch": torch.__version__,
+        "compiled": args.compile, "compile_seconds": compile_seconds, "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
         "prefill_ms": {name: value * 1e3 for name, value in seconds.items()}, "predicted_speedup": predicted,
         "kv_cache_bytes": cache_bytes, "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
         "scoring_ms": time_scoring(model, ids, visual, args.k) * 1e3, f"prefill_ms_batch{batch}": None,
@@ -315,6 +323,29 @@ def measure(args, model, folder, load_seconds):
     return results
 
 
+@torch.inference_mode()
+def warm_up(model, ids, visual, settings, batch):
+    """One prefill per setting (and batch size), and the generations decode_speeds times."""
+    for fastv in settings.values():
+        model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+        if batch > 1:
+            batch_ids, batch_visual = batched(ids, visual, batch)
+            model(batch_ids, **batch_visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+        for n in (1, NEW_TOKENS):
+            model.generate(ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
+
+
+def machine_name():
+    """The processor's name, as /proc/cpuinfo or platform says it (the device is named apart)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
@@ -323,8 +354,9 @@ def report(results, args, config):
     """The numbers as tables, for people."""
     text, k = config.text, args.k
     kind = "video" if args.video else "image"
+    compiled = f"compiled (first runs {results['compile_seconds']:.1f} s)" if results["compiled"] else "eager"
     print(f"model: {results['model']} | decoder {text.hidden_size} wide, {text.num_hidden_layers} layers | device "
-          f"{results['device']} | {results['dtype']} | prompt {results['prompt_tokens']} tokens, {results['image_tokens']} "
+          f"{results['device']} on {results['machine']} | torch {results['torch']}, {compiled} | {results['dtype']} | prompt {results['prompt_tokens']} tokens, {results['image_tokens']} "
           f"of them {kind} | K={k} | median of {results['repeats']}")
     print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} {'realized/predicted':>18} "
           f"{'KV cache MB':>11} {'peak GPU MiB':>12}")
@@ -370,6 +402,8 @@ def main(argv=None):
     if args.json and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder: give a file name.")
     device = cli.pick_device(args.device)
+    if args.compile:
+        cli.check_compile(device)
     model, folder, load_seconds = build_model(args, device, cli.pick_dtype(args.dtype, device))
     results = measure(args, model, folder, load_seconds)
     report(results, args, model.config)

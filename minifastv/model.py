@@ -111,13 +111,10 @@ class LlavaConfig:
     def tokens_per_video(self):
         return self.num_frames * (self.vision.grid_size**2 + 1)  # every frame keeps its CLS: 8 x 257 = 2056
 
-    @property
-    def visual_token_ids(self):
-        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
-
     def is_visual(self, input_ids):
         """True where input_ids holds an <image> or <video> placeholder: the tokens FastV ranks, as one pool."""
-        return torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+        is_image = input_ids == self.image_token_id
+        return is_image if self.video_token_id is None else is_image | (input_ids == self.video_token_id)
 
     @classmethod
     def from_dict(cls, values):
@@ -365,11 +362,8 @@ class MultiModalProjector(nn.Module):
 
 
 class KVCache:
-    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks.
-
-    After FastV pruned the prompt at layer K, layers >= K hold fewer tokens than layers < K, so the
-    cache keeps two masks: one over all tokens (positions, layers < K), one over the kept tokens.
-    """
+    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks. After FastV
+    pruned at layer K, layers >= K hold fewer tokens: one mask covers all tokens (layers < K), one the kept ones."""
 
     def __init__(self, num_layers):
         self.keys = [None] * num_layers
@@ -482,13 +476,20 @@ def visual_layout(visual_ids, config: LlavaConfig):
     return is_video, rank // per_item, rank % per_item - has_cls
 
 
-def check_kept(keep, batch_size, num_image_tokens, num_keep):
-    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not."""
+def first_true(mask, count):
+    """Indices (B, count) of the first `count` True entries of each row of `mask` (B, T), in order: nonzero()
+    without making the host wait for the GPU to count them. A stable sort moves them to the front, in order."""
+    return mask.long().argsort(dim=1, descending=True, stable=True)[:, :count]
+
+
+def check_kept(keep, batch_size, num_image_tokens, num_keep, check_values=True):
+    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not.
+    Checking the values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
     if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
         shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
         raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of indices, got {shape}.")
-    ordered = keep.sort(dim=-1).values
-    if keep.numel() and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_image_tokens or (ordered.diff(dim=-1) == 0).any()):
+    ordered = keep.sort(dim=-1).values if check_values and keep.numel() else None
+    if ordered is not None and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_image_tokens or (ordered.diff(dim=-1) == 0).any()):
         raise SettingsError(f"The pruning rule must return distinct image-token indices in [0, {num_image_tokens}).")
     return keep.long()
 
@@ -581,15 +582,13 @@ class Llava(GenerationMixin, nn.Module):
 
     def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
                 fastv=None, last_logits_only=False):
-        """Logits for `input_ids` (B, T); left padding is marked 0 in `attention_mask`.
-
-        With a `cache` (see KVCache) the earlier tokens live in the cache and input_ids holds only
-        the new ones. With `fastv` (see FastV) and image tokens in input_ids, image tokens are
-        dropped at layer K, and the logits cover the kept tokens only: (B, T_kept, vocab). Video
-        tokens count as image tokens: FastV ranks them all in one pool, as the official code does.
-        """
+        """Logits for `input_ids` (B, T); left padding is marked 0 in `attention_mask`. With a `cache` (KVCache)
+        input_ids holds only the new tokens. With `fastv` (FastV), image tokens are dropped at layer K and the
+        logits cover the kept tokens: (B, T_kept, vocab). Video tokens are ranked with them, in one pool."""
         B, T = input_ids.shape
         device = self.device
+        # Counted where the caller holds the ids (the host, usually), so FastV never waits for the GPU.
+        image_counts = self.config.is_visual(input_ids).sum(dim=1).tolist() if fastv is not None else [0]  # (B,)
         input_ids = input_ids.to(device)
         new_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         if new_mask.shape != input_ids.shape:
@@ -605,12 +604,11 @@ class Llava(GenerationMixin, nn.Module):
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
-        is_image = self.config.is_visual(input_ids) if fastv is not None else None  # (B, T): image and video tokens
-        prune_now = fastv is not None and bool(is_image.any())
+        prune_now = fastv is not None and image_counts[0] > 0
         if prune_now and key_mask.shape[1] != T:
             raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
-        if prune_now and bool((is_image.sum(dim=1) != is_image[0].sum()).any()):
-            raise SettingsError(f"FastV needs the same number of image tokens in every prompt of a batch, got {is_image.sum(dim=1).tolist()}.")
+        if prune_now and len(set(image_counts)) > 1:
+            raise SettingsError(f"FastV needs the same number of image tokens in every prompt of a batch, got {image_counts}.")
 
         for index, layer in enumerate(self.language_model.layers):
             if cache is not None and index == cache.pruned_at:  # decoding after FastV: fewer tokens cached here
@@ -619,9 +617,10 @@ class Llava(GenerationMixin, nn.Module):
                 # ===================================== FastV =====================================
                 # Rank the image tokens by the attention the LAST token paid them in layer K-1
                 # (`queries`, `keys` are that layer's), keep the top (1 - R), drop the rest.
-                image_positions = is_image.nonzero()[:, 1].view(B, -1)  # (B, N), in sequence order
-                num_image_tokens = image_positions.shape[1]
+                is_image = self.config.is_visual(input_ids)  # (B, T): image and video tokens
+                num_image_tokens = image_counts[0]
                 num_keep = round(num_image_tokens * (1 - fastv.r))
+                image_positions = first_true(is_image, num_image_tokens)  # (B, N), in sequence order
                 is_video, frame, patch = visual_layout(input_ids.gather(1, image_positions), self.config)
                 inputs = PruningInputs(
                     last_token_attention=attention_rows(queries, keys, key_mask)[:, :, -1],  # (B, H, T)
@@ -629,16 +628,17 @@ class Llava(GenerationMixin, nn.Module):
                     is_video=is_video, frame=frame, patch=patch, hidden_states=x,
                     queries=queries, keys=keys, cos=cos, sin=sin, attention_mask=key_mask,
                 )
-                keep_image = check_kept(fastv.rule(inputs), B, num_image_tokens, num_keep)  # (B, num_keep)
-                # Every text token stays; so do the chosen image tokens. nonzero() keeps sequence order.
+                keep_image = check_kept(fastv.rule(inputs), B, num_image_tokens, num_keep,
+                                        check_values=fastv.rule is not fastv_rule)  # (B, num_keep)
+                # Every text token stays; so do the chosen image tokens, in sequence order.
                 is_kept = ~is_image
                 is_kept.scatter_(1, image_positions.gather(1, keep_image), True)
-                keep_indices = is_kept.nonzero()[:, 1].view(B, -1)  # (B, T_kept)
+                keep_indices = first_true(is_kept, T - num_image_tokens + num_keep)  # (B, T_kept)
                 x = x[torch.arange(B, device=device)[:, None], keep_indices]  # (B, T_kept, C): the survivors
                 positions = positions.gather(1, keep_indices)  # their ORIGINAL positions: never renumbered
                 cos, sin = self.rope(positions, x.dtype)
                 kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
-                mask = causal_padding_mask(kept_mask, keep_indices.shape[1])
+                mask = None if mask is None else visible_keys(kept_mask, keep_indices.shape[1])  # no padding: none kept
                 if cache is not None:  # generation: later tokens attend to the kept tokens only
                     cache.record_pruning(fastv.k, kept_mask, keep_image.sort(dim=-1).values)
                 # ==================================================================================
