@@ -3,15 +3,18 @@
     import minifastv
     model = minifastv.load("llava-hf/llava-1.5-7b-hf")  # checkpoint.py: read, check, stream to the GPU
     tokens = model.generate(input_ids, pixel_values, fastv=minifastv.FastV(k=2, r=0.5))  # generation.py
+    minifastv.compile_model(model)  # optional, compiled.py: the same model with fewer kernel launches
 """
 
 from .checkpoint import load
+from .compiled import StaticKVCache, compile_model
 from .errors import CheckpointError, ImageError, MinifastvError, SettingsError, UsageError, VideoError
 from .generation import GenerationStats, Sampling
 from .model import FastV, KVCache, Llava, LlavaConfig, PruningInputs, attention_rows, fastv_rule
 
 __all__ = ["CheckpointError", "FastV", "GenerationStats", "ImageError", "KVCache", "Llava", "LlavaConfig", "MinifastvError",
-           "PruningInputs", "Sampling", "SettingsError", "UsageError", "VideoError", "attention_rows", "fastv_rule", "load"]
+           "PruningInputs", "Sampling", "SettingsError", "StaticKVCache", "UsageError", "VideoError", "attention_rows", "compile_model",
+           "fastv_rule", "load"]
 __version__ = "0.1.0"
 # Where the project lives. README.md's Colab badge and clone command, and tutorial.ipynb's REPO_URL, repeat
 # it (tests/test_docs.py checks that they agree); "OWNER" marks it as the placeholder it still is.

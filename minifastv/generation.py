@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiled import StaticKVCache
 from .errors import SettingsError
 from .flops import prefill_flops_report
 
@@ -105,6 +106,7 @@ class GenerationMixin:
                 f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for {max_new_tokens} more, "
                 f"but the model's context is {context} tokens."
             )
+        compiled_decode_step = getattr(self, "compiled_decode_step", None)  # set by minifastv.compile_model
         cache = self.new_cache()
         started = time.perf_counter()
         logits = self(input_ids, pixel_values, pixel_values_videos, attention_mask, cache=cache, fastv=fastv,
@@ -113,6 +115,8 @@ class GenerationMixin:
         synchronize(self.device)
         if stats is not None:
             stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
+        if compiled_decode_step is not None:  # the compiled path decodes against buffers of fixed size
+            cache = StaticKVCache(cache, max_new_tokens)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             next_token = next_token.masked_fill(finished, self.config.pad_token_id)
@@ -121,8 +125,12 @@ class GenerationMixin:
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             started = time.perf_counter()  # timed per step: what the caller does between tokens is not ours
-            logits = self(next_token[:, None], cache=cache, last_logits_only=True)
-            next_token = pick_token(logits[:, -1].float(), sampling, generator)
+            if compiled_decode_step is None:
+                logits = self(next_token[:, None], cache=cache, last_logits_only=True)[:, -1]  # (B, vocab)
+            else:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
+                logits = compiled_decode_step(self, cache, next_token)
+            next_token = pick_token(logits.float(), sampling, generator)
             if stats is not None:
                 synchronize(self.device)
                 stats.decode_tokens += 1

@@ -1,0 +1,101 @@
+"""The compiled path: the same model code, run with fewer kernel launches. Opt-in; eager stays the reference.
+
+On a fast GPU at batch 1, a decoder layer's arithmetic takes less time than launching its ~40 small
+kernels from Python, so FLOPs saved by FastV barely show as time saved. Two changes fix that:
+
+- Prefill: every decoder layer's norms, projections with RoPE, and MLP are compiled by torch.compile,
+  which fuses their elementwise steps. Llava.forward runs as written, FastV's step included (it never
+  waits for the GPU, so the host keeps queuing work).
+- Decode: the eager KVCache grows by torch.cat, a new shape every token. StaticKVCache allocates every
+  buffer once and writes each new key and value in place, so one decode step has the same shapes every
+  time: it is compiled whole and, on a GPU, captured as a CUDA graph (mode="reduce-overhead") that
+  replays a token's hundreds of kernels with one launch.
+
+Switched on by `minifastv.compile_model(model)` (and `--compile` on the commands); generate() and
+stream() then take the compiled path. The first call compiles, which takes a while (the commands
+print how long); a second prompt length compiles the prefill once more, for any length after it.
+"""
+
+import torch
+
+
+class StaticKVCache:
+    """A KV cache of fixed size, filled from the prefill's KVCache, for compiled decoding. It holds:
+
+    keys[i], values[i]: (B, H_kv, capacity, D) buffers of layer i, written in place at the write index.
+    group[i]: 0 for the layers that hold every prompt token, 1 for those after FastV's layer K (fewer).
+    valid[g]: (B, capacity) bool, True where group g holds a real token (not padding, not yet written).
+    write_index[g]: () long, where group g writes the next token's key and value.
+    next_position: (B,) long, the next token's position among the real tokens (RoPE's angle).
+    All are tensors on the device, changed in place, so the shapes and addresses never change.
+    """
+
+    def __init__(self, cache, max_new_tokens, bucket=256):
+        """`bucket`: capacities are rounded up to a multiple of it, so that prompts of many lengths share a few
+        shapes (each new shape compiles the decode step, and records a CUDA graph, once more)."""
+        masks = [cache.attention_mask] if cache.pruned_at is None else [cache.attention_mask, cache.pruned_attention_mask]
+        num_layers = len(cache.keys)
+        self.group = [0 if cache.pruned_at is None or i < cache.pruned_at else 1 for i in range(num_layers)]
+        self.valid, self.write_index = [], []
+        for mask in masks:
+            capacity = -(-(mask.shape[1] + max_new_tokens) // bucket) * bucket  # rounded up
+            valid = mask.new_zeros(mask.shape[0], capacity, dtype=torch.bool)  # (B, capacity)
+            valid[:, : mask.shape[1]] = mask.bool()
+            self.valid.append(valid)
+            self.write_index.append(torch.tensor(mask.shape[1], device=mask.device))
+        self.keys, self.values = [], []
+        for i in range(num_layers):
+            for prefilled, buffers in ((cache.keys[i], self.keys), (cache.values[i], self.values)):
+                B, H, S, D = prefilled.shape
+                buffer = prefilled.new_zeros(B, H, self.valid[self.group[i]].shape[1], D)  # (B, H_kv, capacity, D)
+                buffer[:, :, :S] = prefilled
+                buffers.append(buffer)
+        self.next_position = cache.attention_mask.sum(dim=1)  # (B,): real tokens so far = the next one's position
+        for tensor in (*self.keys, *self.values, *self.valid, *self.write_index, self.next_position):
+            torch._dynamo.mark_static_address(tensor)  # the CUDA graph may read and write them where they are
+
+    def update(self, layer_index, k, v):
+        """Write the new token's key and value (B, H_kv, 1, D) at the write index; all keys and values back."""
+        index = self.write_index[self.group[layer_index]].view(1)
+        self.keys[layer_index].index_copy_(2, index, k)
+        self.values[layer_index].index_copy_(2, index, v)
+        return self.keys[layer_index], self.values[layer_index]  # (B, H_kv, capacity, D): `valid` masks the rest
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def decode_step(model, cache, token):
+    """One new token per sequence, (B,), through the decoder against a StaticKVCache: logits (B, vocab).
+
+    The decode half of Llava.forward with fixed shapes and no host synchronization, so it compiles to one
+    graph: embed, RoPE at the next position, every layer (attending over the whole buffer, masked by
+    `valid`), final norm, head. Then the write indexes and the position move on by one.
+    """
+    for valid, index in zip(cache.valid, cache.write_index):
+        valid.index_fill_(1, index.view(1), True)  # the new token is real and sees itself
+    x = model.language_model.embed_tokens(token[:, None])  # (B, 1, C)
+    cos, sin = model.rope(cache.next_position[:, None], x.dtype)  # (B, 1, 1, D)
+    masks = [valid[:, None, None, :] for valid in cache.valid]  # (B, 1, 1, capacity) per group
+    for index, layer in enumerate(model.language_model.layers):
+        x, _ = layer(x, cos, sin, masks[cache.group[index]], cache, index)
+    for index in cache.write_index:
+        index.add_(1)
+    cache.next_position.add_(1)
+    return model.lm_head(model.language_model.norm(x))[:, -1]  # (B, vocab)
+
+
+def compile_model(model, backend="inductor"):
+    """Switch `model` to the compiled path, in place, and return it: from now on its decoder layers' norms,
+    projections and MLPs run compiled (prefill), and generate() decodes with a StaticKVCache and the compiled
+    decode step. Compiling happens during the first calls; calling this again changes nothing. `backend` is
+    torch.compile's: the tests use "aot_eager", which captures the same graphs without generating code."""
+    if getattr(model, "compiled_decode_step", None) is None:
+        for layer in model.language_model.layers:  # prefill: the elementwise steps around the matrix products, fused
+            for part in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                part.compile(dynamic=None, backend=backend)  # static shapes first; dynamic once a second prompt length comes
+            layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=None, backend=backend)
+        cuda_graph = model.device.type == "cuda"  # a CUDA graph needs a GPU; on the CPU, fusing alone
+        model.compiled_decode_step = torch.compile(decode_step, fullgraph=True, backend=backend,
+                                                   mode="reduce-overhead" if cuda_graph and backend == "inductor" else None)
+    return model
