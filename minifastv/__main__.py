@@ -21,6 +21,7 @@ examples:
   python -m minifastv --image photo.jpg --prompt "What is written on the sign?"
   python -m minifastv --compare                           # with and without FastV, side by side
   python -m minifastv --k 3 --r 0.75 --max-new-tokens 32  # prune harder, a bit later
+  python -m minifastv --compile --compare                 # compiled: a slow first run, then faster ones
   python -m minifastv --image a.png b.png --prompt "<image> then <image>: what changed?"
   python -m minifastv --model LanguageBind/Video-LLaVA-7B-hf --video clip.gif --prompt "What happens?"
 """
@@ -39,6 +40,7 @@ def parse_args(argv):
                         help="when sampling (--temperature > 0): only from the smallest set of tokens whose "
                              "probability reaches top-p, in (0, 1] (default 1: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    cli.add_compile_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -101,7 +103,14 @@ def main(argv=None, out=None):
     out = out or sys.stdout  # looked up now, not at import: tests and notebooks replace sys.stdout
     args = parse_args(argv)
     question = prepare(args)
+    if args.compile:
+        cli.check_compile(question.device)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
+    if args.compile:  # compile for the settings that will run, with and without FastV, before any timing
+        settings = [None, question.fastv] if args.compare else [question.fastv]
+        cli.compile_and_warm_up(model, lambda: [model.generate(
+            question.input_ids, question.pixel_values, question.pixel_values_videos, max_new_tokens=args.max_new_tokens,
+            fastv=fastv) for fastv in settings])
     if args.compare:
         with torch.inference_mode():  # warm up (kernels, allocator) so that neither run pays for it in the timings
             model(question.input_ids, question.pixel_values, question.pixel_values_videos, last_logits_only=True)

@@ -5,6 +5,7 @@ The commands are python -m minifastv (__main__.py), -m minifastv.analyze, -m min
 -m minifastv.flops (flops/__main__.py). Each imports this module and none imports another command.
 """
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from .checkpoint import DEFAULT_REPO, default_dtype, load, read_config, resolve_folder
+from .compiled import compile_model
 from .errors import CheckpointError, MinifastvError, UsageError
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
@@ -38,6 +40,12 @@ def add_device_arguments(parser):
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when there is one)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bfloat16 on GPUs that have it, float16 on others (T4), float32 on the CPU")
+
+
+def add_compile_argument(parser):
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model compiled (torch.compile; CUDA graphs for decoding on a GPU): slow to start, "
+                             "then faster; the first run's time, compilation included, is printed")
 
 
 def add_fastv_arguments(parser):
@@ -181,6 +189,25 @@ def load_model(folder, device, dtype, towers=("image", "video")):
     model = load(folder, device=device, dtype=dtype, towers=towers)
     print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def check_compile(device):
+    """--compile on the CPU needs a C++ compiler (torch.compile writes and builds C++ there): say so before loading."""
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        raise UsageError("--compile on the CPU needs a C++ compiler (g++ or clang++), which torch.compile uses to "
+                         "build its kernels: install one, or leave --compile out.")
+
+
+def compile_and_warm_up(model, warm_up):
+    """minifastv.compile_model(model), then `warm_up()` (short runs in the shapes that will come), which compiles;
+    says once how long that took."""
+    print("compiling (torch.compile): the first runs build the kernels", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    compile_model(model)
+    warm_up()
+    seconds = time.perf_counter() - started
+    print(f"compiled in {seconds:.1f} s (warm-up runs included)", file=sys.stderr, flush=True)
+    return seconds
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ and lets the next one run:
 1. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers;
 2. bench_7b.json/.txt: the bench on random-7b in bfloat16, eager: prefill per setting, batch 8, decode
    against its floor, peak memory, transformers on the same weights;
-3. bench_video.json/.txt: the same for random-video-7b and a video prompt (2,056 video tokens);
-4. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
+3. bench_7b_compiled.json/.txt: the same with --compile (compile time included in the JSON);
+4. bench_video.json/.txt: the same as 2 for random-video-7b and a video prompt (2,056 video tokens);
+5. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
    local disk, then read twice from the warm page cache, each in a fresh process: minifastv.load and
    transformers' from_pretrained(device_map="cuda"), seconds and host-memory peak;
-5. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
+6. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
    LLaVA-7B to an image, and Video-LLaVA-7B (video tower only) to a video, each with and without FastV.
 
 --smoke runs the same steps on the CPU with small models, to check this script where no GPU is.
@@ -162,7 +163,7 @@ def main():
         models = (["--model", "random-7b"], ["--model", "random-video-7b", "--video"])
     if not smoke:
         run_step(out, "cuda_tests", lambda: module(out, "cuda_tests", ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]))
-    for name, model in zip(("bench_7b", "bench_video"), models):
+    for name, model in zip(("bench_7b", "bench_7b_compiled", "bench_video"), (models[0], models[0] + ["--compile"], models[1])):
         run_step(out, name, lambda: module(out, name, ["minifastv.bench", *model, *bench, "--json", str(out / f"{name}.json")]))
     run_step(out, "load", lambda: time_loads(out, smoke))
     run_step(out, "memory", lambda: peak_memory(out, smoke))

@@ -114,3 +114,20 @@ def test_video_twin_has_the_same_weights():
     with torch.no_grad():
         difference = (model(ids, **visual) - twin(input_ids=ids, **visual).logits).abs().max().item()
     assert difference < 1e-4
+
+
+def test_bench_compiled_writes_its_compile_time(tmp_path, capsys, monkeypatch):
+    """--compile times the compiled path after warm-up runs that compile it (captured with aot_eager here: inductor's
+    code generation takes minutes on a CPU; tests/test_compiled.py runs it once)."""
+    import functools
+
+    from minifastv import cli, compiled
+
+    monkeypatch.setattr(cli, "compile_model", functools.partial(compiled.compile_model, backend="aot_eager"))
+    path = tmp_path / "bench.json"
+    bench.main(SMALL + ["--no-transformers", "--compile", "--json", str(path)])
+    captured = capsys.readouterr()
+    written = json.loads(path.read_text())
+    assert written["compiled"] is True and written["compile_seconds"] > 0
+    assert "compiled in" in captured.err and "compiled (first runs" in captured.out
+    assert written["torch"] == torch.__version__ and written["machine"]

@@ -86,6 +86,32 @@ def test_compare_prints_both(checkpoint_folder):
     assert "prefill with FastV" in result.stdout
 
 
+def test_compile_compare_gives_the_eager_answers(checkpoint_folder, capsys, monkeypatch):
+    """--compile: the same answers, and the compile time said once (captured with aot_eager here; inductor's code
+    generation takes minutes on a CPU, tests/test_compiled.py runs it once)."""
+    import functools
+
+    from minifastv import compiled
+
+    monkeypatch.setattr(cli, "compile_model", functools.partial(compiled.compile_model, backend="aot_eager"))
+    assert ask.command(["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "6", "--compare",
+                        "--compile"]) in (0, None)
+    captured = capsys.readouterr()
+    assert expected_answer(checkpoint_folder, None) in captured.out
+    assert expected_answer(checkpoint_folder, M.FastV(2, 0.5)) in captured.out
+    assert captured.err.count("compiled in") == 1
+
+
+@pytest.mark.parametrize("command", ["ask", "bench"])
+def test_compile_without_a_compiler_is_one_sentence(command, checkpoint_folder, monkeypatch, capsys):
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    model = ["--model", str(checkpoint_folder)] if command == "ask" else ["--layers", "2", "--width", "64"]
+    assert COMMANDS[command](model + ["--device", "cpu", "--compile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --compile on the CPU needs a C++ compiler (g++ or clang++), which torch.compile uses to build its "
+                   "kernels: install one, or leave --compile out.")
+
+
 def test_compare_says_slower_when_it_was():
     assert ask.speed_up_sentence(2.0, 1.0) == "2.00x faster prefill with FastV"
     assert ask.speed_up_sentence(1.0, 1.47) == "1.47x slower prefill with FastV"

@@ -210,3 +210,42 @@ def test_greedy_generate(pair, exact_model, batch):
     assert_same_greedy(tokens, no_cache, own_margins, tie)
     exact = (tokens == expected).float().mean().item()
     print(f"\n[parity] {dtype} greedy {batch}: {exact:.0%} of tokens identical to transformers")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled path on the GPU: inductor's kernels and a CUDA graph for the decode step
+
+
+@pytest.mark.parametrize("fastv", [None, (2, 0.5)], ids=["no FastV", "FastV K=2 R=0.5"])
+def test_compiled_gives_the_eager_tokens_on_cuda(hub_checkpoint, fastv):
+    """float32 (TF32 off): the compiled path, CUDA graph included, gives the eager path's greedy tokens."""
+    import minifastv
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = load(str(hub_checkpoint), device=DEVICE, dtype=torch.float32, progress=False)
+    compiled = minifastv.compile_model(load(str(hub_checkpoint), device=DEVICE, dtype=torch.float32, progress=False))
+    ids, mask, pixels = padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=NO_EOS,
+                   fastv=None if fastv is None else minifastv.FastV(*fastv))
+    expected = eager.generate(ids, pixels, **options)
+    for _ in range(2):  # the second run replays the recorded CUDA graph
+        assert torch.equal(compiled.generate(ids, pixels, **options), expected)
+
+
+def test_fastv_step_never_synchronizes_on_cuda(hub_checkpoint):
+    """From the first decoder layer to the last, FastV's step included, nothing makes the host wait for the GPU:
+    torch.cuda's sync debug mode turns any synchronizing call there into an error."""
+    import minifastv
+
+    model = load(str(hub_checkpoint), device=DEVICE, dtype=torch.float16, progress=False)
+    ids, mask, pixels = padded_batch()
+    layers = model.language_model.layers
+    start = layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+    stop = layers[-1].register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default"))
+    try:
+        with torch.inference_mode():
+            model(ids, pixels, attention_mask=mask, fastv=minifastv.FastV(2, 0.5), cache=model.new_cache())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        start.remove()
+        stop.remove()
