@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
-COMMANDS = {"minifastv.__main__", "minifastv.analyze", "minifastv.bench", "minifastv.flops.__main__"}
+COMMANDS = {"minifastv.__main__", "minifastv.analyze", "minifastv.bench", "minifastv.figures", "minifastv.flops.__main__"}
 
 
 def module_name(path):
