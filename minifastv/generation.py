@@ -96,6 +96,7 @@ class GenerationMixin:
         `sampling`: a Sampling (default greedy). Finished sequences yield pad ids. FastV prunes once, at
         prefill: the cache of layers >= K holds only the kept tokens, and every generated token attends to
         those. Pass a GenerationStats as `stats` to have it filled in; eos_token_id=-1 never stops early.
+        After minifastv.compile_model(model), the decode steps run compiled against a StaticKVCache (compiled.py).
         """
         sampling = sampling or Sampling()
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
