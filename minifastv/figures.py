@@ -1,10 +1,11 @@
 """The course's figures, written as SVG text: python -m minifastv.figures [--out DIR]
 
-Five figures, each computed from minifastv's own code and configs (nothing typed in by hand):
+Six figures, each computed from minifastv's own code and configs (nothing typed in by hand):
 1. architecture.svg: LLaVA-1.5-7B from pixels to logits, with FastV cutting in at layer K.
 2. pruning_sequence.svg: a toy prompt before and after FastV, each token with its position id.
 3. rope_decay.svg: how RoPE turns a key away from the query the further apart they are.
-4. flops_and_time.svg: predicted and measured prefill speed-up against R, from bench-cpu.json.
+4. flops_and_time.svg: predicted and measured prefill speed-up against R, from bench-cpu.json;
+   gpu_time.svg: the same on an H200, eager and compiled, batch 1 and 8, from bench-h200-*.json.
 5. kept_patches.svg: which of the 24 x 24 patches four pruning rules keep (synthetic queries and keys).
 
 SVG is plain text. Every number is rounded before it is written, so the files come out byte for byte the
@@ -376,6 +377,50 @@ def flops_and_time_svg(bench_path=BENCH_JSON):
     return document(left + width + 230, top + height + 60, "Predicted and measured prefill speed-up against R", elements)
 
 
+GPU_BENCH_JSONS = {"eager": FIGURES / "bench-h200-eager.json", "compiled": FIGURES / "bench-h200-compiled.json"}
+
+
+def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
+    """4b. The same question on a fast GPU, eager and compiled, batch 1 and batch 8: FLOPs are not time."""
+    runs = {mode: json.loads(Path(path).read_text()) for mode, path in bench_paths.items()}
+    eager = runs["eager"]
+    rs = sorted(float(name.split("_R")[1]) for name in eager["prefill_ms"] if name != "no_fastv")
+    left, top, width, height, top_value = 80, 130, 560, 280, 3.0
+    x_of = lambda r: left + 40 + r / max(rs) * (width - 80)
+    y_of = lambda value: top + (1 - value / top_value) * height
+    series = [("predicted by the FLOPs", BLUE, {0.0: 1.0, **{float(n.split("_R")[1]): v for n, v in eager["predicted_speedup"].items()
+                                                             if n != "no_fastv"}})]
+    for mode, color in (("eager", RED), ("compiled", ORANGE)):
+        for batch, dash in (("1", None), ("8", "6 4")):
+            timings = runs[mode]["prefill_ms"] if batch == "1" else runs[mode]["prefill_ms_batch8"]
+            speedups = {float(n.split("_R")[1]) if n != "no_fastv" else 0.0: timings["no_fastv"] / ms for n, ms in timings.items()}
+            series.append((f"{mode}, batch {batch}", color, speedups, dash))
+    elements = [text(20, 26, "FLOPs are not time: FastV's prefill speed-up on a fast GPU, eager and compiled, batch 1 and 8", 15,
+                     font_weight="bold"),
+                *lines_of_text(20, 46, [
+                    f"measured on an {eager['device']} ({eager['machine']}), {eager['dtype']}, torch {eager['torch']}",
+                    f"python -m minifastv.bench --model {eager['model']} [--compile]: random weights in the real 7B shape, "
+                    f"{eager['prompt_tokens']} tokens ({eager['image_tokens']} image), K=2, median of {eager['repeats']}",
+                    "R=0 scores and keeps every token: its distance from 1.00x is this run's noise at batch 1; at batch 8 R=0 "
+                    "is the unpruned baseline",
+                    f"prefill without FastV, batch 1: eager {eager['prefill_ms']['no_fastv']:.1f} ms, compiled "
+                    f"{runs['compiled']['prefill_ms']['no_fastv']:.1f} ms; decode: eager {eager['decode_tokens_per_s']['no_fastv']:.0f}, "
+                    f"compiled {runs['compiled']['decode_tokens_per_s']['no_fastv']:.0f} tokens/s "
+                    f"(floor {eager['decode_floor_tokens_per_s']:.0f})"], 12),
+                *axes(left, top, width, height, [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
+                      [(x_of(r), f"{r:g}") for r in rs], "R, the share of image tokens dropped at layer 2")]
+    for index, (name, color, speedups, *dash) in enumerate(series):
+        style = {"stroke_dasharray": dash[0]} if dash and dash[0] else {}
+        points = [(x_of(r), y_of(value)) for r, value in sorted(speedups.items())]
+        elements.append(polyline(points, color, stroke_width=2, **style))
+        elements += [circle(x, y, 3.5, color) for x, y in points]
+        last_r, last_value = max(speedups.items())
+        elements.append(text(x_of(last_r) + 8, y_of(last_value) + 4, f"{last_value:.2f}x", 11, fill=color))
+        elements += [line(left + width + 40, top + 20 + index * 24, left + width + 66, top + 20 + index * 24, color,
+                          stroke_width=2, **style), text(left + width + 72, top + 24 + index * 24, name, 11)]
+    return document(left + width + 260, top + height + 60, "FastV's prefill speed-up on a GPU, eager and compiled", elements)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Kept patches by rule, on synthetic queries and keys placed where LLaVA-1.5's prompt puts them.
 
@@ -475,7 +520,8 @@ def main(argv=None):
     except OSError as error:
         raise UsageError(f"--out {args.out} cannot be a folder for the figures ({error.strerror}).") from None
     figures = {"architecture.svg": architecture_svg(), "pruning_sequence.svg": pruning_sequence_svg(),
-               "rope_decay.svg": rope_decay_svg(), "flops_and_time.svg": flops_and_time, "kept_patches.svg": kept_patches_svg()}
+               "rope_decay.svg": rope_decay_svg(), "flops_and_time.svg": flops_and_time, "gpu_time.svg": gpu_time_svg(),
+               "kept_patches.svg": kept_patches_svg()}
     for name, svg in figures.items():
         (Path(args.out) / name).write_text(svg, encoding="utf-8")
         print(f"wrote {Path(args.out) / name}")

@@ -16,7 +16,7 @@ from minifastv.model import FastV, attention_rows, rope_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "minifastv" / "assets" / "figures"
-NAMES = ["architecture.svg", "pruning_sequence.svg", "rope_decay.svg", "flops_and_time.svg", "kept_patches.svg"]
+NAMES = ["architecture.svg", "pruning_sequence.svg", "rope_decay.svg", "flops_and_time.svg", "gpu_time.svg", "kept_patches.svg"]
 REAL_CONFIG = Path(__file__).resolve().parent / "data" / "llava-1.5-7b-hf"  # llava-hf's config.json, as downloaded
 REFERENCE_TOKENIZER = ROOT.parent / "shared" / "reference" / "llava-1.5-7b-hf"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -53,7 +53,7 @@ def test_each_figure_is_an_svg_with_a_size_and_a_title(name):
 
 def test_the_readme_names_every_figure_and_the_ones_that_need_the_7b_weights():
     readme = (FIGURES / "README.md").read_text()
-    assert all(f"`{name}`" in readme for name in NAMES + ["bench-cpu.json"])
+    assert all(f"`{name}`" in readme for name in NAMES + ["bench-cpu.json", "bench-h200-eager.json", "bench-h200-compiled.json"])
     assert "python -m minifastv.analyze" in readme and "attention_allocation.png" in readme
 
 
@@ -133,6 +133,25 @@ def test_flops_and_time_draws_the_bench_json_and_the_flops_prediction(monkeypatc
         assert results["predicted_speedup"][f"K2_R{r:g}"] == pytest.approx(predicted, rel=1e-12)
         assert f"{predicted:.2f}x" in shown and f"{baseline / results['prefill_ms'][f'K2_R{r:g}']:.2f}x" in shown
     assert f"measured on {results['machine']}: device {results['device']}, {results['dtype']}, torch {results['torch']}" in shown
+
+
+def test_gpu_time_draws_the_h200_runs():
+    """The GPU figure's speed-ups are the JSONs' prefill times divided, eager and compiled, batch 1 and 8, and its
+    prediction is the exact FLOPs count of the real 7B shape; the machine is named."""
+    from minifastv.checkpoint import config_by_name
+
+    shown = " | ".join(svg_texts("gpu_time.svg"))
+    config = config_by_name("llava-1.5-7b")
+    for mode in ("eager", "compiled"):
+        results = json.loads((FIGURES / f"bench-h200-{mode}.json").read_text())
+        assert results["compiled"] is (mode == "compiled") and results["model"] == "random-7b"
+        assert (results["prompt_tokens"], results["image_tokens"]) == (616, 576)
+        for timings in (results["prefill_ms"], results["prefill_ms_batch8"]):
+            assert f"{timings['no_fastv'] / timings['K2_R0.75']:.2f}x" in shown
+    predicted = exact_prefill_flops(config, 616, 576) / exact_prefill_flops(config, 616, 576, 2, 0.75)
+    assert results["predicted_speedup"]["K2_R0.75"] == pytest.approx(predicted, rel=1e-12)
+    assert f"{predicted:.2f}x" in shown
+    assert f"measured on an NVIDIA H200 ({results['machine']}), bfloat16, torch {results['torch']}" in shown
 
 
 def test_kept_patches_are_the_rules_own_and_fastv_drifts_down():
