@@ -31,28 +31,41 @@ class StaticKVCache:
     """
 
     def __init__(self, cache, max_new_tokens, bucket=256):
-        """`bucket`: capacities are rounded up to a multiple of it, so that prompts of many lengths share a few
-        shapes (each new shape compiles the decode step, and records a CUDA graph, once more)."""
-        masks = [cache.attention_mask] if cache.pruned_at is None else [cache.attention_mask, cache.pruned_attention_mask]
-        num_layers = len(cache.keys)
-        self.group = [0 if cache.pruned_at is None or i < cache.pruned_at else 1 for i in range(num_layers)]
-        self.valid, self.write_index = [], []
-        for mask in masks:
-            capacity = -(-(mask.shape[1] + max_new_tokens) // bucket) * bucket  # rounded up
-            valid = mask.new_zeros(mask.shape[0], capacity, dtype=torch.bool)  # (B, capacity)
-            valid[:, : mask.shape[1]] = mask.bool()
-            self.valid.append(valid)
-            self.write_index.append(torch.tensor(mask.shape[1], device=mask.device))
-        self.keys, self.values = [], []
-        for i in range(num_layers):
-            for prefilled, buffers in ((cache.keys[i], self.keys), (cache.values[i], self.values)):
-                B, H, S, D = prefilled.shape
-                buffer = prefilled.new_zeros(B, H, self.valid[self.group[i]].shape[1], D)  # (B, H_kv, capacity, D)
-                buffer[:, :, :S] = prefilled
-                buffers.append(buffer)
-        self.next_position = cache.attention_mask.sum(dim=1)  # (B,): real tokens so far = the next one's position
+        """Buffers for the prefill's KVCache `cache` and max_new_tokens more tokens, filled from it. `bucket`:
+        capacities are rounded up to a multiple of it, so that prompts of many lengths share a few shapes (each
+        new shape compiles the decode step, and records a CUDA graph, once more)."""
+        masks = prefill_masks(cache)
+        self.shape = StaticKVCache.shape_for(cache, max_new_tokens, bucket)
+        self.group = [0 if cache.pruned_at is None or i < cache.pruned_at else 1 for i in range(len(cache.keys))]
+        batch_size, device = masks[0].shape[0], masks[0].device
+        capacities = [-(-(mask.shape[1] + max_new_tokens) // bucket) * bucket for mask in masks]  # rounded up
+        self.valid = [torch.zeros(batch_size, capacity, dtype=torch.bool, device=device) for capacity in capacities]
+        self.write_index = [torch.zeros((), dtype=torch.long, device=device) for _ in masks]
+        # Zeros, not empty memory: a slot not yet written is masked out, but 0 x NaN would still be NaN.
+        self.keys = [k.new_zeros(*k.shape[:2], capacities[group], k.shape[3]) for k, group in zip(cache.keys, self.group)]
+        self.values = [v.new_zeros(*v.shape[:2], capacities[group], v.shape[3]) for v, group in zip(cache.values, self.group)]
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         for tensor in (*self.keys, *self.values, *self.valid, *self.write_index, self.next_position):
             torch._dynamo.mark_static_address(tensor)  # the CUDA graph may read and write them where they are
+        self.fill(cache)
+
+    @staticmethod
+    def shape_for(cache, max_new_tokens, bucket=256):
+        """What decides the buffers' shapes: two prefills with the same can share them."""
+        capacities = tuple(-(-(mask.shape[1] + max_new_tokens) // bucket) * bucket for mask in prefill_masks(cache))
+        return capacities, cache.pruned_at, tuple(cache.keys[0].shape), cache.keys[0].dtype
+
+    def fill(self, cache):
+        """Copy a prefill's keys, values and masks in, in place: the buffers keep their addresses. What an earlier
+        generation left beyond the prompt stays, masked out by `valid` until it is overwritten."""
+        for valid, write_index, mask in zip(self.valid, self.write_index, prefill_masks(cache)):
+            valid.zero_()
+            valid[:, : mask.shape[1]] = mask.bool()
+            write_index.fill_(mask.shape[1])
+        for buffers, prefilled in ((self.keys, cache.keys), (self.values, cache.values)):
+            for buffer, tensor in zip(buffers, prefilled):
+                buffer[:, :, : tensor.shape[2]] = tensor
+        self.next_position.copy_(cache.attention_mask.sum(dim=1))  # (B,): real tokens so far = the next one's position
 
     def update(self, layer_index, k, v):
         """Write the new token's key and value (B, H_kv, 1, D) at the write index; all keys and values back."""
@@ -63,6 +76,29 @@ class StaticKVCache:
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def prefill_masks(cache):
+    """The padding masks of a prefilled KVCache, one per group of layers: all tokens, and the kept ones after FastV."""
+    return [cache.attention_mask] if cache.pruned_at is None else [cache.attention_mask, cache.pruned_attention_mask]
+
+
+def static_cache(model, cache, max_new_tokens, keep=2):
+    """A StaticKVCache holding the prefill's `cache`, in the buffers of an earlier one of the same shape when the
+    model has them: a CUDA graph reads and writes the addresses it was recorded with, and new buffers would make
+    it record again. The model keeps the buffers of its last `keep` shapes (e.g. with and without FastV), so a
+    compiled model runs one generation at a time."""
+    shape = StaticKVCache.shape_for(cache, max_new_tokens)
+    pool = model.static_caches  # shape -> StaticKVCache, the oldest first (compile_model makes it)
+    if shape in pool:
+        reused = pool.pop(shape)
+        reused.fill(cache)
+    else:
+        while len(pool) >= keep:  # free the oldest before allocating
+            pool.pop(next(iter(pool)))
+        reused = StaticKVCache(cache, max_new_tokens)
+    pool[shape] = reused
+    return reused
 
 
 def decode_step(model, cache, token):
@@ -96,6 +132,7 @@ def compile_model(model, backend="inductor"):
                 part.compile(dynamic=None, backend=backend)  # static shapes first; dynamic once a second prompt length comes
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=None, backend=backend)
         cuda_graph = model.device.type == "cuda"  # a CUDA graph needs a GPU; on the CPU, fusing alone
+        model.static_caches = {}  # the decode step's buffers, reused from one generation to the next
         model.compiled_decode_step = torch.compile(decode_step, fullgraph=True, backend=backend,
                                                    mode="reduce-overhead" if cuda_graph and backend == "inductor" else None)
     return model

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compiled import StaticKVCache
+from .compiled import static_cache
 from .errors import SettingsError
 from .flops import prefill_flops_report
 
@@ -117,7 +117,7 @@ class GenerationMixin:
         if stats is not None:
             stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
         if compiled_decode_step is not None:  # the compiled path decodes against buffers of fixed size
-            cache = StaticKVCache(cache, max_new_tokens)
+            cache = static_cache(self, cache, max_new_tokens)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             next_token = next_token.masked_fill(finished, self.config.pad_token_id)

@@ -61,6 +61,19 @@ def test_compiled_generation_gives_the_eager_tokens(eager, captured, case):
     assert stats.kv_cache_bytes > 0
 
 
+def test_a_second_generation_of_the_same_shape_reuses_the_buffers(eager, captured):
+    """The decode step's buffers keep their addresses from one generation to the next (a CUDA graph replays on
+    the addresses it recorded), refilled with the new prompt: the tokens are still the eager ones."""
+    first, second = image_prompt(1, TOKENS_PER_IMAGE, seed=5), image_prompt(1, TOKENS_PER_IMAGE, seed=6)
+    pixels = random_pixels(1, seed=5)
+    options = dict(max_new_tokens=8, eos_token_id=-1, fastv=M.FastV(2, 0.5))
+    assert torch.equal(captured.generate(first, pixels, **options), eager.generate(first, pixels, **options))
+    addresses = {shape: cache.keys[0].data_ptr() for shape, cache in captured.static_caches.items()}
+    assert torch.equal(captured.generate(second, pixels, **options), eager.generate(second, pixels, **options))
+    assert {shape: cache.keys[0].data_ptr() for shape, cache in captured.static_caches.items()} == addresses
+    assert len(captured.static_caches) <= 2  # the last two shapes only
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_static_cache_decodes_as_the_growing_cache_does(eager, case):
     """Token by token, the static cache's decode step (not compiled) and Llava.forward with a KVCache give the
