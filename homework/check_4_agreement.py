@@ -33,10 +33,11 @@ def test_answers_without_a_common_word_do_not_agree():
 
 
 def test_hand_made_case():
-    plain = ["a cat on a mat", "a dog", "yes", "a a b"]
-    pruned = ["a cat on the mat", "a dog", "no", "a c a"]
-    # F1 per pair: 4 words shared of 5 and 5 -> 0.8; 1.0; 0.0; 2 shared of 3 and 3 -> 2/3
-    assert_metrics(agreement(plain, pruned), 1 / 4, (0.8 + 1.0 + 0.0 + 2 / 3) / 4)
+    plain = ["a cat on a mat", "a dog", "yes", "a a b", "two red cars"]
+    pruned = ["a cat on the mat", "a dog", "no", "a c a", "two cars red"]
+    # F1 per pair: 4 words shared of 5 and 5 -> 0.8; 1.0; 0.0; 2 shared of 3 and 3 -> 2/3; the same words in
+    # another order -> 1.0
+    assert_metrics(agreement(plain, pruned), 1 / 5, (0.8 + 1.0 + 0.0 + 2 / 3 + 1.0) / 5)
 
 
 def test_uneven_lengths_count():

@@ -34,7 +34,7 @@ def run(tiny, num_images, batch_size, r):
 
     cache = M.KVCache(len(tiny.ours.language_model.layers))
     with torch.no_grad():
-        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=spy))
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=spy), last_logits_only=True)
     return cache.kept_image_tokens, captured["scores"], captured["num_keep"]
 
 
