@@ -129,3 +129,12 @@ def write_cli_checkpoint(folder, image_size=84):
 @pytest.fixture(scope="session")
 def cli_checkpoint(tmp_path_factory):
     return write_cli_checkpoint(tmp_path_factory.mktemp("cli") / "tiny-llava")
+
+
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile's caches emptied before the test: its compiled code is its own, and earlier tests' versions
+    do not count towards torch._dynamo's recompile limit (past it, code runs uncompiled)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

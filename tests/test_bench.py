@@ -116,7 +116,7 @@ def test_video_twin_has_the_same_weights():
     assert difference < 1e-4
 
 
-def test_bench_compiled_writes_its_compile_time(tmp_path, capsys, monkeypatch):
+def test_bench_compiled_writes_its_compile_time(tmp_path, capsys, monkeypatch, fresh_compiler):
     """--compile times the compiled path after warm-up runs that compile it (captured with aot_eager here: inductor's
     code generation takes minutes on a CPU; tests/test_compiled.py runs it once)."""
     import functools

@@ -86,7 +86,7 @@ def test_compare_prints_both(checkpoint_folder):
     assert "prefill with FastV" in result.stdout
 
 
-def test_compile_compare_gives_the_eager_answers(checkpoint_folder, capsys, monkeypatch):
+def test_compile_compare_gives_the_eager_answers(checkpoint_folder, capsys, monkeypatch, fresh_compiler):
     """--compile: the same answers, and the compile time said once (captured with aot_eager here; inductor's code
     generation takes minutes on a CPU, tests/test_compiled.py runs it once)."""
     import functools

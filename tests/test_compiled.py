@@ -47,6 +47,7 @@ def eager(hub_checkpoint):
 
 @pytest.fixture(scope="module")
 def captured(hub_checkpoint):
+    torch._dynamo.reset()  # this module's compiled code only (see conftest.fresh_compiler)
     return minifastv.compile_model(load(hub_checkpoint), backend="aot_eager")
 
 
@@ -183,7 +184,7 @@ def test_the_recorder_sees_a_sync():
     assert "nonzero.default" in recorder.syncs and "_local_scalar_dense.default" in recorder.syncs
 
 
-def test_inductor_end_to_end(hub_checkpoint):
+def test_inductor_end_to_end(hub_checkpoint, fresh_compiler):
     """The real compiler: generated kernels give the eager tokens, with FastV and padding (slow: one test)."""
     eager = load(hub_checkpoint)
     compiled = minifastv.compile_model(load(hub_checkpoint))

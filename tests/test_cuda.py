@@ -217,7 +217,7 @@ def test_greedy_generate(pair, exact_model, batch):
 
 
 @pytest.mark.parametrize("fastv", [None, (2, 0.5)], ids=["no FastV", "FastV K=2 R=0.5"])
-def test_compiled_gives_the_eager_tokens_on_cuda(hub_checkpoint, fastv):
+def test_compiled_gives_the_eager_tokens_on_cuda(hub_checkpoint, fastv, fresh_compiler):
     """float32 (TF32 off): the compiled path, CUDA graph included, gives the eager path's greedy tokens."""
     import minifastv
 
