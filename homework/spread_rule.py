@@ -1,7 +1,7 @@
 """Exercise 5: FastV's scores, spread over the image: every row of patches keeps its share.
 
 With RoPE, the last token favours the image tokens closest to it, the bottom rows of the image, so FastV
-tends to keep the bottom of the picture (FEATHER, arXiv 2412.13180; tutorial chapter 4, "Write your own
+tends to keep the bottom of the picture (FEATHER, arXiv 2412.13180; tutorial chapter 6, "Write your own
 rule"). `grid_rule` in minifastv/rules.py spreads the kept patches evenly but ignores the attention.
 Here you do both: each row of each image's grid keeps the same number of patches, chosen by FastV's score.
 

@@ -196,7 +196,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if cache is not None:  # prepend the keys and values of earlier tokens
             k, v = cache.update(layer_index, k, v)  # (B, H_kv, S, D)
-        # Fused attention (SDPA): never materializes the (T, S) weights. `mask is None` means plain causal.
+        # Fused attention (SDPA): its flash and memory-efficient kernels never build the (T, S) weights (its math
+        # kernel, the fallback, does). `mask is None` means plain causal.
         # enable_gqa lets several query heads share a key/value head (grouped-query attention).
         is_causal = mask is None and q.shape[2] > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5,

@@ -33,6 +33,18 @@ def commands(script_text):
     return lines
 
 
+def commands_with_output(path):
+    """(command, shown output) for each ```bash block of one command followed directly by a ```text block: the docs'
+    promise of what the command prints (tests/test_tutorial_numbers.py runs them and compares)."""
+    text = (ROOT / path).read_text()
+    blocks = list(re.finditer(r"^```([\w-]*)[^\n]*\n(.*?)^```\n", text, flags=re.MULTILINE | re.DOTALL))
+    pairs = [(first.group(2), second.group(2)) for first, second in zip(blocks, blocks[1:])
+             if (first.group(1), second.group(1)) == ("bash", "text") and not text[first.end() : second.start()].strip()]
+    shown = [(commands(command), output) for command, output in pairs]
+    assert all(len(lines) == 1 for lines, _ in shown), f"{path}: a block with an output holds one command: {shown}"
+    return [(lines[0], output) for lines, output in shown]
+
+
 def is_pytest_command(command):
     return "pytest" in shlex.split(command)[:3]
 
@@ -157,8 +169,11 @@ def test_doc_commands_run(path, cli_checkpoint, tmp_path, capsys, monkeypatch):
         "minifastv.flops": [],
     }
     monkeypatch.chdir(ROOT)  # paths in the docs are relative to the repository
-    module_commands = [shlex.split(c, comments=True) for c in doc_commands(path) if c.startswith("python -m minifastv")]
-    assert module_commands and all(words[2] in small for words in module_commands), module_commands
+    with_output = {command for command, _ in commands_with_output(path)}  # run as written by test_tutorial_numbers.py
+    module_commands = [shlex.split(c, comments=True) for c in doc_commands(path)
+                       if c.startswith("python -m minifastv") and c not in with_output]
+    assert module_commands or with_output, f"{path} shows no command"
+    assert all(words[2] in small for words in module_commands), module_commands
     for words in module_commands:
         module = importlib.import_module(words[2] + (".__main__" if words[2] in ("minifastv", "minifastv.flops") else ""))
         model = tiny_video if "--video" in words else cli_checkpoint  # a Video-LLaVA for a video, else a LLaVA
@@ -232,3 +247,75 @@ def test_tutorial_video_numbers_are_what_flops_prints(capsys):
             readme = " ".join((ROOT / "README.md").read_text().split())  # README quotes the R=0.5 figures too
             assert f"{paper}% fewer FLOPs per layer" in readme
             assert f"{video_only} GiB of weights and {pruned_cache} GiB of cache" in readme
+
+
+# ------------------------------------------------------------------------------------------------
+# tutorial.md: figures, proportions, questions
+
+FIGURES = ROOT / "minifastv" / "assets" / "figures"  # the course's figures, made by python -m minifastv.figures
+
+
+def image_links(path):
+    """(alt text, target) of every markdown image in a file."""
+    return re.findall(r"!\[([^\]]*)\]\(([^)\s]+)\)", (ROOT / path).read_text())
+
+
+def test_tutorial_images_exist():
+    links = image_links("tutorial.md")
+    assert links, "tutorial.md shows no figure"
+    missing = [target for _, target in links if not (ROOT / target).is_file()]
+    assert not missing, f"tutorial.md links to images that are not there: {missing}"
+
+
+def test_tutorial_shows_every_figure_with_a_caption():
+    """Each SVG of minifastv/assets/figures is shown once, with alt text, and right below it its caption,
+    *Figure N (`name.svg`). ...*, numbered 1, 2, ... in the order they appear."""
+    text = (ROOT / "tutorial.md").read_text()
+    names = sorted(path.name for path in FIGURES.glob("*.svg"))
+    assert len(names) >= 5, f"the figures are missing from {FIGURES}"
+    for name in names:
+        shown = [alt for alt, target in image_links("tutorial.md") if target == f"minifastv/assets/figures/{name}"]
+        assert len(shown) == 1 and len(shown[0].split()) >= 5, f"{name}: shown {len(shown)} times, or without alt text"
+    captions = re.findall(r"\]\(minifastv/assets/figures/([\w.]+)\)\n\n\*Figure (\d+) \(`([\w.]+)`\)\. ", text)
+    assert [(shown, caption) for shown, _, caption in captions] == [(name, name) for name, _, _ in captions]
+    assert sorted(name for name, _, _ in captions) == names, "every figure needs its caption right below it"
+    assert [int(number) for _, number, _ in captions] == list(range(1, len(names) + 1))
+
+
+def chapters(path="tutorial.md"):
+    """[(title, words)] of the level-1 sections of a markdown file, in order (headings inside code blocks ignored)."""
+    sections, in_code = [["", 0]], False
+    for line in (ROOT / path).read_text().splitlines():
+        in_code ^= line.startswith("```")
+        if not in_code and line.startswith("# "):
+            sections.append([line[2:], 0])
+        sections[-1][1] += len(line.split())
+    return [(title, words) for title, words in sections if title or words]
+
+
+def test_tutorial_reaches_fastv_early_and_gives_it_room():
+    """Issue 12: the FastV chapter starts before 35% of the words and holds at least a quarter of them; the
+    limits chapter is a chapter; the image and tokenizer edge cases sit in the appendices."""
+    sections = chapters()
+    total = sum(words for _, words in sections)
+    titles = [title for title, _ in sections]
+    fastv = next(i for i, title in enumerate(titles) if title.split(". ", 1)[-1].startswith("FastV"))
+    before = sum(words for _, words in sections[:fastv])
+    assert before / total < 0.35, f"FastV starts {before / total:.0%} into tutorial.md"
+    assert sections[fastv][1] / total >= 0.25, f"the FastV chapter is {sections[fastv][1] / total:.0%} of tutorial.md"
+    limits = next(words for title, words in sections if "Limits" in title)
+    assert limits >= 300, f"the limits chapter has {limits} words"
+    appendix = next(i for i, title in enumerate(titles) if title.startswith("Appendix"))
+    main_text = "\n".join((ROOT / "tutorial.md").read_text().split("\n# Appendix")[:1])
+    for detail in ("EXIF", "Metaspace", "alpha_composite", "is_byte_token"):
+        assert detail not in main_text, f"{detail} belongs in an appendix of tutorial.md"
+    assert all(title.startswith("Appendix") for title in titles[appendix:])
+
+
+def test_tutorial_asks_before_it_tells():
+    """At least four 'Predict, then check' questions, each followed by its answer folded in <details>."""
+    text = (ROOT / "tutorial.md").read_text()
+    questions = re.findall(r"\*\*Predict, then check\.\*\*(.*?)(<details><summary>Answer</summary>.*?</details>)", text,
+                           flags=re.DOTALL)
+    assert len(questions) >= 4, f"{len(questions)} questions with folded answers"
+    assert text.count("**Predict, then check.**") == len(questions) == text.count("<details>")
