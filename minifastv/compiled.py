@@ -34,13 +34,12 @@ class StaticKVCache:
         """Buffers for the prefill's KVCache `cache` and max_new_tokens more tokens, filled from it. `bucket`:
         capacities are rounded up to a multiple of it, so that prompts of many lengths share a few shapes (each
         new shape compiles the decode step, and records a CUDA graph, once more)."""
-        masks = prefill_masks(cache)
         self.shape = StaticKVCache.shape_for(cache, max_new_tokens, bucket)
+        capacities = self.shape[0]
         self.group = [0 if cache.pruned_at is None or i < cache.pruned_at else 1 for i in range(len(cache.keys))]
-        batch_size, device = masks[0].shape[0], masks[0].device
-        capacities = [-(-(mask.shape[1] + max_new_tokens) // bucket) * bucket for mask in masks]  # rounded up
+        batch_size, device = cache.attention_mask.shape[0], cache.attention_mask.device
         self.valid = [torch.zeros(batch_size, capacity, dtype=torch.bool, device=device) for capacity in capacities]
-        self.write_index = [torch.zeros((), dtype=torch.long, device=device) for _ in masks]
+        self.write_index = [torch.zeros((), dtype=torch.long, device=device) for _ in capacities]
         # Zeros, not empty memory: a slot not yet written is masked out, but 0 x NaN would still be NaN.
         self.keys = [k.new_zeros(*k.shape[:2], capacities[group], k.shape[3]) for k, group in zip(cache.keys, self.group)]
         self.values = [v.new_zeros(*v.shape[:2], capacities[group], v.shape[3]) for v, group in zip(cache.values, self.group)]
@@ -52,7 +51,7 @@ class StaticKVCache:
     @staticmethod
     def shape_for(cache, max_new_tokens, bucket=256):
         """What decides the buffers' shapes: two prefills with the same can share them."""
-        capacities = tuple(-(-(mask.shape[1] + max_new_tokens) // bucket) * bucket for mask in prefill_masks(cache))
+        capacities = tuple(-(-(mask.shape[1] + max_new_tokens) // bucket) * bucket for mask in prefill_masks(cache))  # rounded up
         return capacities, cache.pruned_at, tuple(cache.keys[0].shape), cache.keys[0].dtype
 
     def fill(self, cache):
