@@ -75,10 +75,12 @@ def test_a_second_generation_of_the_same_shape_reuses_the_buffers(eager, capture
     assert len(captured.static_caches) <= 2  # the last two shapes only
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["decode_step", "compiled decode_step"])
 @pytest.mark.parametrize("case", CASES)
-def test_static_cache_decodes_as_the_growing_cache_does(eager, case):
-    """Token by token, the static cache's decode step (not compiled) and Llava.forward with a KVCache give the
-    same logits, within float32 rounding: the buffer's unwritten slots are masked out, positions move on."""
+def test_static_cache_decodes_as_the_growing_cache_does(eager, captured, case, compiled):
+    """Token by token, the static cache's decode step (as written, and compiled) and Llava.forward with a KVCache
+    give the same logits, within float32 rounding: the buffer's unwritten slots are masked out, positions move on."""
+    step = captured.compiled_decode_step if compiled else decode_step
     make_inputs, fastv = CASES[case]
     ids, mask, pixels = make_inputs()
     with torch.inference_mode():
@@ -89,9 +91,9 @@ def test_static_cache_decodes_as_the_growing_cache_does(eager, case):
         static = StaticKVCache(static_source, max_new_tokens=6, bucket=1)
         assert (static.group[-1] == 1) == (fastv is not None)  # after FastV, the last layers hold fewer tokens
         tokens = torch.tensor([[5, 17, 300, 2000, 31000, 7]] * ids.shape[0])  # (B, 6)
-        for step in range(6):
-            expected = eager(tokens[:, step : step + 1], cache=growing, last_logits_only=True)[:, -1]
-            got = decode_step(eager, static, tokens[:, step])
+        for step_index in range(6):
+            expected = eager(tokens[:, step_index : step_index + 1], cache=growing, last_logits_only=True)[:, -1]
+            got = step(eager, static, tokens[:, step_index])
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert static.write_index[0].item() == ids.shape[1] + 6
         assert torch.equal(static.next_position, mask.sum(1) + 6 if mask is not None else torch.tensor([ids.shape[1] + 6]))
