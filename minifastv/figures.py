@@ -331,13 +331,18 @@ def rope_decay_svg():
 # 4. FLOPs and measured time against R, from the bench's JSON (this script never runs the bench).
 
 
+def setting_r(name):
+    """R of a bench setting's name: "K2_R0.5" -> 0.5; "no_fastv", which drops nothing, -> 0.0."""
+    return 0.0 if name == "no_fastv" else float(name.split("_R")[1])
+
+
 def read_bench(path):
     """The bench's numbers by R: {R: (predicted speed-up, measured speed-up, prefill ms)}, and the whole JSON.
     Its settings are named like "K2_R0.5"; "no_fastv" is the baseline of both speed-ups."""
     try:
         results = json.loads(Path(path).read_text())
         baseline = results["prefill_ms"]["no_fastv"]
-        by_r = {float(name.split("_R")[1]): (results["predicted_speedup"][name], baseline / ms, ms)
+        by_r = {setting_r(name): (results["predicted_speedup"][name], baseline / ms, ms)
                 for name, ms in results["prefill_ms"].items() if name != "no_fastv"}
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise UsageError(f"--bench {path} is not a JSON file written by python -m minifastv.bench --json "
@@ -384,17 +389,16 @@ def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
     """4b. The same question on a fast GPU, eager and compiled, batch 1 and batch 8: FLOPs are not time."""
     runs = {mode: json.loads(Path(path).read_text()) for mode, path in bench_paths.items()}
     eager = runs["eager"]
-    rs = sorted(float(name.split("_R")[1]) for name in eager["prefill_ms"] if name != "no_fastv")
+    rs = sorted(setting_r(name) for name in eager["prefill_ms"] if name != "no_fastv")
     left, top, width, height, top_value = 80, 130, 560, 280, 3.0
     x_of = lambda r: left + 40 + r / max(rs) * (width - 80)
     y_of = lambda value: top + (1 - value / top_value) * height
-    series = [("predicted by the FLOPs", BLUE, {0.0: 1.0, **{float(n.split("_R")[1]): v for n, v in eager["predicted_speedup"].items()
-                                                             if n != "no_fastv"}})]
+    # (label, color, dashes, {R: speed-up}); a later R=0 setting (K2_R0) replaces no_fastv's 1.0 where there is one
+    series = [("predicted by the FLOPs", BLUE, None, {setting_r(n): v for n, v in eager["predicted_speedup"].items()})]
     for mode, color in (("eager", RED), ("compiled", ORANGE)):
         for batch, dash in (("1", None), ("8", "6 4")):
             timings = runs[mode]["prefill_ms"] if batch == "1" else runs[mode]["prefill_ms_batch8"]
-            speedups = {float(n.split("_R")[1]) if n != "no_fastv" else 0.0: timings["no_fastv"] / ms for n, ms in timings.items()}
-            series.append((f"{mode}, batch {batch}", color, speedups, dash))
+            series.append((f"{mode}, batch {batch}", color, dash, {setting_r(n): timings["no_fastv"] / ms for n, ms in timings.items()}))
     elements = [text(20, 26, "FLOPs are not time: FastV's prefill speed-up on a fast GPU, eager and compiled, batch 1 and 8", 15,
                      font_weight="bold"),
                 *lines_of_text(20, 46, [
@@ -409,8 +413,8 @@ def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
                     f"(floor {eager['decode_floor_tokens_per_s']:.0f})"], 12),
                 *axes(left, top, width, height, [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
                       [(x_of(r), f"{r:g}") for r in rs], "R, the share of image tokens dropped at layer 2")]
-    for index, (name, color, speedups, *dash) in enumerate(series):
-        style = {"stroke_dasharray": dash[0]} if dash and dash[0] else {}
+    for index, (name, color, dash, speedups) in enumerate(series):
+        style = {"stroke_dasharray": dash} if dash else {}
         points = [(x_of(r), y_of(value)) for r, value in sorted(speedups.items())]
         elements.append(polyline(points, color, stroke_width=2, **style))
         elements += [circle(x, y, 3.5, color) for x, y in points]
