@@ -1,17 +1,21 @@
 """Reading llava-hf checkpoints: config.json, the safetensors format, tensor names, the hub download, load().
 
 `load` builds the model on the meta device (shapes only, no memory), checks every header and every
-tensor's name and shape against it before a single weight is read, then streams the tensors one at a
-time onto the target device in the target dtype: host memory holds one tensor, never the checkpoint
-(a Colab has 12.7 GB of RAM for a 14 GB checkpoint). A damaged, truncated or foreign file is refused
-with one sentence that names it; nothing is ever loaded from a pickle.
+tensor's name and shape against it before a single weight is read, then streams the tensors onto the
+target device in the target dtype, a few at a time on reader threads. To a GPU they go through small
+staging buffers: host memory holds a few chunks of tensors, never the checkpoint (a Colab has 12.7 GB
+of RAM for a 14 GB checkpoint). A damaged, truncated or foreign file is refused with one sentence that
+names it; nothing is ever loaded from a pickle.
 """
 
 import json
 import math
 import os
+import queue
 import re
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -246,37 +250,61 @@ def read_header(file):
     return entries
 
 
-def read_exactly(f, buffer, entry, file):
-    """Fill `buffer` from the file's current position; a short read means the file shrank since its header was read."""
-    if f.readinto(buffer) != len(buffer):
-        raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+# Reading the tensors. Reading a file, even from the page cache, is a memory copy that one core does at a few
+# GB/s, so several reader threads read tensors side by side (os.preadv reads at an offset, so they share one
+# open file, and it lets other threads run while it waits). Each thread has its own lane: a staging buffer
+# and, on a GPU, a CUDA stream of its own, so that one thread's copy to the GPU runs while another reads.
+
+READERS = min(4, os.cpu_count() or 1)  # a 2-core AMD EPYC reads its page cache at 4.0 GB/s on 1 thread, 6.4 on 2
+STAGING_BYTES = 32 * 2**20
 
 
-def read_tensor(f, entry, file):
-    """One tensor of an open .safetensors file, in its own CPU buffer (host memory: this tensor only)."""
-    f.seek(entry.begin)
-    buffer = bytearray(entry.end - entry.begin)
-    read_exactly(f, buffer, entry, file)
-    return torch.frombuffer(buffer, dtype=READABLE_DTYPES[entry.dtype]).reshape(entry.shape)
+@dataclass
+class Lane:
+    """What one reader thread reads through: nothing on the CPU (a tensor is read straight into its own memory);
+    elsewhere a reusable host buffer, page-locked (pinned) for a GPU, and a CUDA stream."""
+
+    staging: torch.Tensor | None = None  # (STAGING_BYTES,) uint8
+    stream: "torch.cuda.Stream | None" = None
 
 
-def upload_tensor(f, entry, file, device, staging):
-    """One tensor of an open .safetensors file onto `device`, read chunk by chunk through one reusable host buffer,
-    `staging`: the host never holds the tensor, and from pinned (page-locked) memory a GPU copies at the full speed
-    of its bus, where a fresh buffer per tensor would be paged in and copied through the driver's own."""
-    raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8, device=device)  # the tensor's bytes
-    host = memoryview(staging.numpy())
-    f.seek(entry.begin)
-    for start in range(0, raw.numel(), staging.numel()):
-        size = min(staging.numel(), raw.numel() - start)
-        read_exactly(f, host[:size], entry, file)
-        raw[start : start + size].copy_(staging[:size])  # waits for the copy: the buffer can be refilled next
-    return raw.view(READABLE_DTYPES[entry.dtype]).view(entry.shape)
+def new_lanes(device, count=READERS):
+    if device.type == "cpu":
+        return [Lane() for _ in range(count)]
+    cuda = device.type == "cuda"  # from pinned memory a GPU copies at its bus's full speed, without a bounce
+    return [Lane(torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=cuda), torch.cuda.Stream(device) if cuda else None)
+            for _ in range(count)]
 
 
-def staging_buffer(device, megabytes=64):
-    """The host buffer upload_tensor reads through for a GPU (pinned memory), or None: the CPU reads tensor by tensor."""
-    return torch.empty(megabytes * 2**20, dtype=torch.uint8, pin_memory=True) if device.type == "cuda" else None
+def read_bytes(fd, host, offset, entry, file):
+    """Fill the host memory `host` (a memoryview) with the file's bytes from `offset` on. A read may return less
+    than asked, and 0 at the end of the file: then the file shrank since its header was read."""
+    done = 0
+    while done < len(host):
+        count = os.preadv(fd, [host[done:]], offset + done)
+        if count == 0:
+            raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
+        done += count
+
+
+def read_tensor(fd, entry, file, device, dtype, lane):
+    """One tensor of an open .safetensors file (`fd`), onto `device` in `dtype`. Through a staging buffer (a GPU),
+    chunk by chunk: host memory never holds the tensor, whose bytes go to the GPU as they are and are cast there."""
+    size = entry.end - entry.begin
+    if lane.staging is None:  # the CPU: read into the tensor's own memory
+        raw = torch.empty(size, dtype=torch.uint8)
+        read_bytes(fd, memoryview(raw.numpy()), entry.begin, entry, file)
+    else:
+        raw = torch.empty(size, dtype=torch.uint8, device=device)
+        host = memoryview(lane.staging.numpy())
+        with torch.cuda.stream(lane.stream):  # this thread's copies go on its own stream (None: no stream, not a GPU)
+            if lane.stream:  # raw may reuse memory that work queued on the default stream still reads: wait for it
+                lane.stream.wait_stream(torch.cuda.default_stream(device))
+            for start in range(0, size, len(host)):
+                chunk = min(len(host), size - start)
+                read_bytes(fd, host[:chunk], entry.begin + start, entry, file)
+                raw[start : start + chunk].copy_(lane.staging[:chunk])  # waits for the copy: the buffer can be refilled
+    return raw.view(READABLE_DTYPES[entry.dtype]).view(entry.shape).to(dtype)
 
 
 def safetensors_files(folder):
@@ -351,20 +379,37 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
 
     from tqdm.auto import tqdm  # the progress bar huggingface-hub uses for downloads
 
-    state, staging = {}, staging_buffer(device)
-    total = sum(entry.end - entry.begin for entries in plan.values() for entry in entries)
-    # A `with` block closes the bar, ending its line, even when an error stops the loading.
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, file=sys.stderr) as bar:
-        for file, entries in plan.items():
-            bar.set_postfix_str(file.name)
-            with open(file, "rb") as f:
-                for entry in entries:
-                    if staging is None:  # the CPU (or meta): one tensor at a time in host memory
-                        tensor = read_tensor(f, entry, file).to(device=device, dtype=dtype)
-                    else:  # a GPU: through the pinned buffer, then cast on the GPU
-                        tensor = upload_tensor(f, entry, file, device, staging).to(dtype)
-                    state[model_name(entry.name)] = tensor
-                    bar.update(entry.end - entry.begin)
+    jobs = [(file, entry) for file, entries in plan.items() for entry in entries]
+    free_lanes = queue.SimpleQueue()  # a reader thread takes a lane for each tensor and gives it back
+    for lane in new_lanes(device):
+        free_lanes.put(lane)
+    files, failed = {file: os.open(file, os.O_RDONLY) for file in plan}, threading.Event()
+
+    def read(job):  # on a reader thread
+        file, entry = job
+        if failed.is_set():  # another tensor failed: its error is on its way, read nothing more
+            return None
+        lane = free_lanes.get()
+        try:
+            return read_tensor(files[file], entry, file, device, dtype, lane)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            free_lanes.put(lane)
+
+    state, readers = {}, ThreadPoolExecutor(READERS, thread_name_prefix="minifastv-load")
+    total = sum(entry.end - entry.begin for _, entry in jobs)
+    try:  # the `with` closes the bar, ending its line, even when an error stops the loading
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, file=sys.stderr) as bar:
+            for (file, entry), tensor in zip(jobs, readers.map(read, jobs)):  # read side by side, taken in order
+                bar.set_postfix_str(file.name, refresh=False)
+                state[model_name(entry.name)] = tensor
+                bar.update(entry.end - entry.begin)
+    finally:
+        readers.shutdown(cancel_futures=True)  # after an error, no other tensor is started
+        for fd in files.values():
+            os.close(fd)
     model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
     model.init_rope()
     return model.eval().requires_grad_(False)

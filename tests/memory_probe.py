@@ -31,8 +31,9 @@ def real_7b_config():
     return json.loads(path.read_text()) if path.exists() else json.loads(json.dumps(REAL_7B_CONFIG))
 
 
-def write_checkpoint(folder, seed=0):
-    """Write config.json and one float16 model.safetensors of random weights; returns its size in bytes."""
+def write_checkpoint(folder, seed=0, text=SHRINK_TEXT, vision=SHRINK_VISION):
+    """Write config.json and one float16 model.safetensors of random weights; returns its size in bytes. `text` and
+    `vision` change the real 7B config's text_config and vision_config."""
     import torch
     from safetensors.torch import save_file
 
@@ -41,8 +42,8 @@ def write_checkpoint(folder, seed=0):
     from minifastv.model import LlavaConfig
 
     values = real_7b_config()
-    values["text_config"].update(SHRINK_TEXT)
-    values["vision_config"].update(SHRINK_VISION)
+    values["text_config"].update(text)
+    values["vision_config"].update(vision)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(values, indent=2))
@@ -69,7 +70,7 @@ def largest_tensor_bytes(folder):
 # once: the first such build costs torch some tens of MB of one-time setup (lazy imports), whatever
 # the checkpoint's size, and it is reported apart as "setup".
 CHILD = """
-import json, sys, torch
+import json, sys, time, torch
 sys.path.insert(0, {root!r})
 import minifastv
 from minifastv.checkpoint import expected_tensors, read_config
@@ -84,21 +85,29 @@ expected_tensors(read_config({folder!r}))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status("VmRSS")
-model = minifastv.load({folder!r}, device={device!r}, dtype=torch.{dtype}, progress=False)
+clock = time.perf_counter()
+if {transformers!r}:
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.{dtype})
+else:
+    model = minifastv.load({folder!r}, device={device!r}, dtype=torch.{dtype}, progress=False)
+seconds = time.perf_counter() - clock
 peak = status("VmHWM")
 tensors = list(model.parameters()) + list(model.buffers())
 model_bytes = sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
-print(json.dumps({{"peak_increase": peak - before, "model_bytes": model_bytes, "setup": before - started}}))
+print(json.dumps({{"peak_increase": peak - before, "model_bytes": model_bytes, "setup": before - started, "seconds": seconds}}))
 """
 
 
-def measure_load(folder, device, dtype):
-    """Load the checkpoint in `folder` in a fresh process: {"peak_increase", "model_bytes", "setup"} in bytes.
+def measure_load(folder, device, dtype, transformers=False):
+    """Load the checkpoint in `folder` in a fresh process: {"peak_increase", "model_bytes", "setup"} in bytes, and
+    "seconds" the load took.
 
     dtype is a torch attribute name ("float16"). device "meta" reads every tensor from disk and drops
-    it: what loading onto a GPU costs the host.
+    it: what loading onto a GPU costs the host. transformers=True: transformers' from_pretrained on the
+    CPU instead, for comparison (it maps the files into memory and reads a tensor when it is first used).
     """
-    code = CHILD.format(root=str(ROOT), folder=str(folder), device=device, dtype=dtype)
+    code = CHILD.format(root=str(ROOT), folder=str(folder), device=device, dtype=dtype, transformers=transformers)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"Loading in a subprocess failed:\n{result.stdout}\n{result.stderr}")

@@ -1,7 +1,9 @@
 """Loading llava-hf checkpoints: config parsing, tensor names and shapes of the real models, and errors."""
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -335,8 +337,8 @@ def test_a_file_that_shrinks_while_loading_is_caught(hub_checkpoint, tmp_path):
     entries = checkpoint.read_header(file)
     with open(file, "r+b") as f:
         f.truncate(entries[-1].begin + 1)
-        with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}.*truncated"):
-            checkpoint.read_tensor(f, entries[-1], file)
+    with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}.*truncated"):
+        read_one(file, entries[-1], checkpoint.Lane())
 
 
 BROKEN_JSON = {  # file: text
@@ -521,24 +523,37 @@ def test_hub_failure_is_one_line_even_when_the_hub_says_more(tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------------------------------
-# The GPU path: tensors read chunk by chunk through one reusable staging buffer (pinned on a GPU)
+# Reader threads, and the GPU path: tensors read chunk by chunk through a reusable staging buffer (pinned
+# on a GPU). Off a GPU it runs with a small unpinned buffer, and a copy onto the CPU or the meta device.
 
 
-def test_upload_through_a_small_staging_buffer_gives_the_same_tensors(hub_checkpoint):
+def read_one(file, entry, lane, device="cpu", dtype=None):
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        return checkpoint.read_tensor(fd, entry, file, torch.device(device), dtype or checkpoint.READABLE_DTYPES[entry.dtype], lane)
+    finally:
+        os.close(fd)
+
+
+def small_lanes(device, count=checkpoint.READERS):
+    return [checkpoint.Lane(staging=torch.empty(4096, dtype=torch.uint8)) for _ in range(count)]
+
+
+def test_reading_through_a_small_staging_buffer_gives_the_same_tensors(hub_checkpoint):
     """A 1 KiB buffer: most tensors take several chunks, and the last chunk of each is partial."""
     file = hub_checkpoint / "model.safetensors"
-    staging = torch.empty(1024, dtype=torch.uint8)
-    with open(file, "rb") as f:
-        for entry in checkpoint.read_header(file):
-            direct = checkpoint.read_tensor(f, entry, file)
-            uploaded = checkpoint.upload_tensor(f, entry, file, torch.device("cpu"), staging)
-            assert uploaded.dtype == direct.dtype and torch.equal(uploaded, direct), entry.name
+    saved = load_file(file)
+    for entry in checkpoint.read_header(file):
+        direct = read_one(file, entry, checkpoint.Lane())
+        staged = read_one(file, entry, checkpoint.Lane(staging=torch.empty(1024, dtype=torch.uint8)))
+        assert staged.dtype == direct.dtype == saved[entry.name].dtype, entry.name
+        assert torch.equal(staged, saved[entry.name]) and torch.equal(direct, saved[entry.name]), entry.name
 
 
-def test_loading_through_the_staging_buffer_gives_the_same_model(hub_checkpoint, monkeypatch, tiny_prompt,
-                                                                  reference_logits):
-    """The whole load on the GPU path, run on the CPU with a small unpinned buffer, and a dtype cast after it."""
-    monkeypatch.setattr(checkpoint, "staging_buffer", lambda device: torch.empty(4096, dtype=torch.uint8))
+def test_loading_through_the_staging_buffers_gives_the_same_model(hub_checkpoint, monkeypatch, tiny_prompt,
+                                                                   reference_logits):
+    """The whole load on the GPU path, run on the CPU with small unpinned buffers, and a dtype cast after it."""
+    monkeypatch.setattr(checkpoint, "new_lanes", small_lanes)
     model = load(str(hub_checkpoint), device="cpu", dtype=torch.float32, progress=False)
     assert (logits_of(model, *tiny_prompt) - reference_logits).abs().max().item() <= 1e-5
     half = load(str(hub_checkpoint), device="cpu", dtype=torch.float16, progress=False)
@@ -546,14 +561,63 @@ def test_loading_through_the_staging_buffer_gives_the_same_model(hub_checkpoint,
     assert torch.equal(half.lm_head.weight, model.lm_head.weight.half())
 
 
-def test_a_file_that_shrinks_while_uploading_is_caught(hub_checkpoint, tmp_path):
+def test_a_file_that_shrinks_while_staging_is_caught(hub_checkpoint, tmp_path):
     file = copy_checkpoint(hub_checkpoint, tmp_path / "ckpt") / "model.safetensors"
     entries = checkpoint.read_header(file)
     with open(file, "r+b") as f:
-        f.truncate(entries[-1].begin + 1)
-        with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}"):
-            checkpoint.upload_tensor(f, entries[-1], file, torch.device("cpu"), torch.empty(64, dtype=torch.uint8))
+        f.truncate(entries[-1].begin + 100)  # the first 64-byte chunk is whole, the second is cut
+    with pytest.raises(CheckpointError, match=rf"ended inside tensor {entries[-1].name}"):
+        read_one(file, entries[-1], checkpoint.Lane(staging=torch.empty(64, dtype=torch.uint8)))
 
 
-def test_no_staging_buffer_on_the_cpu():
-    assert checkpoint.staging_buffer(torch.device("cpu")) is None
+def test_lanes_stage_off_the_cpu_only():
+    """The CPU reads into each tensor's own memory; another device gets a buffer per lane (pinned on CUDA only)."""
+    assert all(lane.staging is None and lane.stream is None for lane in checkpoint.new_lanes(torch.device("cpu")))
+    lanes = checkpoint.new_lanes(torch.device("meta"), count=2)
+    assert len(lanes) == 2 and lanes[0].staging is not lanes[1].staging
+    assert all(lane.staging.numel() == checkpoint.STAGING_BYTES and not lane.staging.is_pinned() for lane in lanes)
+
+
+def test_tensors_are_read_side_by_side(hub_checkpoint, monkeypatch):
+    """Two reads must be under way at once to pass the barrier: loading one tensor after the other would time out."""
+    monkeypatch.setattr(checkpoint, "READERS", 2)
+    barrier, real_read_tensor = threading.Barrier(2, timeout=20), checkpoint.read_tensor
+
+    def meets_another_read(*args):
+        barrier.wait()
+        return real_read_tensor(*args)
+
+    monkeypatch.setattr(checkpoint, "read_tensor", meets_another_read)
+    one_by_one = load(str(hub_checkpoint), device="cpu", progress=False)
+    monkeypatch.undo()
+    expected = load(str(hub_checkpoint), device="cpu", progress=False)
+    assert one_by_one.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(tensor, expected.state_dict()[name]) for name, tensor in one_by_one.state_dict().items())
+
+
+def open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+def test_an_error_stops_the_reading_and_closes_the_files(hub_checkpoint, monkeypatch):
+    """The third tensor fails: the readers start no more than the ones already under way, and no file stays open."""
+    monkeypatch.setattr(checkpoint, "READERS", 2)
+    calls, real_read_tensor = [], checkpoint.read_tensor
+    lock = threading.Lock()
+
+    def fails_on_the_third(*args):
+        with lock:
+            calls.append(args[1].name)
+            number = len(calls)
+        if number == 3:
+            raise CheckpointError("the disk went away")
+        return real_read_tensor(*args)
+
+    monkeypatch.setattr(checkpoint, "read_tensor", fails_on_the_third)
+    files_before = open_files()
+    with pytest.raises(CheckpointError, match="the disk went away"):
+        load(str(hub_checkpoint), device="cpu", progress=False)
+    assert len(calls) <= 3 + 1, f"{len(calls)} tensors were started"  # the failing one, and one more under way at most
+    assert len(checkpoint.read_header(hub_checkpoint / "model.safetensors")) > 10
+    assert open_files() == files_before

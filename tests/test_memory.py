@@ -40,3 +40,12 @@ def test_loading_onto_the_cpu_makes_no_second_copy(checkpoint):
         f"loading peaked {result['peak_increase'] / 1e6:.0f} MB above the start for a model of "
         f"{result['model_bytes'] / 1e6:.0f} MB"
     )
+
+
+def test_the_speed_script_times_transformers_on_the_same_weights(checkpoint):
+    """tests/measure_load_speed.py's comparison row: transformers loads the same checkpoint (its parameters hold the
+    same bytes as ours, RoPE tables aside), and both loads are timed."""
+    folder, size = checkpoint
+    ours, theirs = measure_load(folder, "cpu", "float16"), measure_load(folder, "cpu", "float16", transformers=True)
+    assert size * 0.99 <= theirs["model_bytes"] <= ours["model_bytes"] <= size * 1.01
+    assert ours["seconds"] > 0 and theirs["seconds"] > 0
