@@ -4,8 +4,8 @@ On a fast GPU at batch 1, a decoder layer's arithmetic takes less time than laun
 kernels from Python, so FLOPs saved by FastV barely show as time saved. Two changes fix that:
 
 - Prefill: every decoder layer's norms, projections with RoPE, and MLP are compiled by torch.compile,
-  which fuses their elementwise steps. Llava.forward runs as written, FastV's step included (it never
-  waits for the GPU, so the host keeps queuing work).
+  which fuses their elementwise steps, and so is each CLIP tower, whole. Llava.forward runs as written,
+  FastV's step included (it never waits for the GPU, so the host keeps queuing work).
 - Decode: the eager KVCache grows by torch.cat, a new shape every token. StaticKVCache allocates every
   buffer once and writes each new key and value in place, so one decode step has the same shapes every
   time: it is compiled whole and, on a GPU, captured as a CUDA graph (mode="reduce-overhead") that
@@ -120,9 +120,14 @@ def decode_step(model, cache, token):
     return model.lm_head(model.language_model.norm(x))[:, -1]  # (B, vocab)
 
 
+def towers(model):
+    """The model's loaded CLIP towers: LLaVA's one, Video-LLaVA's two (or the one it was loaded with)."""
+    return [tower for name in ("vision_tower", "image_tower", "video_tower") if (tower := getattr(model, name, None)) is not None]
+
+
 def compile_model(model, backend="inductor"):
-    """Switch `model` to the compiled path, in place, and return it: from now on its decoder layers' norms,
-    projections and MLPs run compiled (prefill), and generate() decodes with a StaticKVCache and the compiled
+    """Switch `model` to the compiled path, in place, and return it: from now on its vision towers and its decoder
+    layers' norms, projections and MLPs run compiled (prefill), and generate() decodes with a StaticKVCache and the compiled
     decode step. Compiling happens during the first calls; calling this again changes nothing. `backend` is
     torch.compile's: the tests use "aot_eager", which captures the same graphs without generating code."""
     if getattr(model, "compiled_decode_step", None) is None:
@@ -130,6 +135,8 @@ def compile_model(model, backend="inductor"):
             for part in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                 part.compile(dynamic=None, backend=backend)  # static shapes first; dynamic once a second prompt length comes
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=None, backend=backend)
+        for tower in towers(model):  # no cache, no FastV: a whole tower compiles to one graph
+            tower.compile(dynamic=None, backend=backend)
         cuda_graph = model.device.type == "cuda"  # a CUDA graph needs a GPU; on the CPU, fusing alone
         model.static_caches = {}  # the decode step's buffers, reused from one generation to the next
         # Not fullgraph=True: past torch._dynamo.config.recompile_limit versions of the step (new K, new shapes,

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import minifastv
 import minifastv.model as M
-from minifastv.compiled import StaticKVCache, decode_step
+from minifastv.compiled import StaticKVCache, decode_step, towers
 
 from conftest import image_prompt, left_pad, random_pixels
 
@@ -135,6 +135,27 @@ def test_decode_step_is_one_graph(eager):
         explanation = torch._dynamo.explain(decode_step)(eager, StaticKVCache(cache, max_new_tokens=2), ids[:, -1])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_a_vision_tower_is_one_graph(eager):
+    """compile_model compiles each CLIP tower whole: nothing in it breaks the graph, or it would run in pieces."""
+    _, _, pixels = padded_batch()
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(eager.vision_tower)(pixels, eager.config.vision_feature_layer)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    assert towers(eager) == [eager.vision_tower]
+
+
+def test_every_loaded_tower_is_compiled():
+    """Video-LLaVA has two towers, and load(towers=("video",)) leaves the image tower out."""
+    from minifastv.checkpoint import config_by_name
+
+    with torch.device("meta"):
+        video_llava = M.Llava(config_by_name("video-llava-7b"))
+    assert towers(video_llava) == [video_llava.image_tower, video_llava.video_tower]
+    video_llava.image_tower = None
+    assert towers(video_llava) == [video_llava.video_tower]
 
 
 # Operations that make the host wait for the device on a GPU: a value read on the host (item(), bool(),
