@@ -9,6 +9,8 @@ each run:
 - the cost of FastV's scoring step alone;
 - decode speed, greedy, without FastV and at R=0.5, against its floor: the weights one decode step reads
   (the decoder's layers and lm_head) over the device's measured copy bandwidth;
+- on CUDA, the share of the time the GPU is busy during a prefill and during decoding (torch.profiler):
+  at batch 1 on a fast GPU, far below 1, the host's kernel launches are the bottleneck;
 - the same weights through transformers (SDPA): prefill time and decode speed.
 
 The model: by default a random LLaVA-shaped one that fits a laptop (576 image tokens per image, a
@@ -169,6 +171,37 @@ def decode_speeds(model, ids, visual, settings, repeats):
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
+def device_busy(device, run):
+    """(busy, wall) seconds of `run()`: how long the GPU executed kernels and copies, from torch.profiler's trace,
+    and how long the run took. busy / wall near 1: the GPU is the bottleneck; far below: it waits for the host to
+    launch the next kernel (profiling slows the host a little, so the share comes out a little low). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        wall = timed(device, run)
+    busy = sum(event.time_range.elapsed_us() for event in trace.events() if event.device_type == DeviceType.CUDA) / 1e6
+    return busy, wall
+
+
+@torch.inference_mode()
+def device_busy_shares(model, ids, visual, settings):
+    """Per setting, the share of the time the GPU is busy during a prefill and during the decode steps after it (a
+    generation's busy and wall time minus the prefill's); {} off CUDA."""
+    if model.device.type != "cuda":
+        return {}
+    shares = {}
+    for name, fastv in settings.items():
+        prefill = device_busy(model.device, lambda: model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True))
+        generation = device_busy(model.device, lambda: model.generate(ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv,
+                                                                       eos_token_id=-1))
+        shares[f"prefill_{name}"] = prefill[0] / prefill[1]
+        shares[f"decode_{name}"] = (generation[0] - prefill[0]) / (generation[1] - prefill[1])
+    return shares
+
+
 def copy_bandwidth(device, repeats=5):
     """Bytes per second the device moves in a tensor copy, counting each byte read and written: 1 GiB copied on a
     GPU (less where less is free: a 7B model leaves a T4 about 1.5 GiB), 256 MiB on the CPU."""
@@ -321,6 +354,7 @@ def measure(args, model, folder, load_seconds):
     decode_settings = {name: settings[name] for name in ("no_fastv", f"K{args.k}_R0.5")}
     results["decode_tokens_per_s"] = decode_speeds(model, ids, visual, decode_settings, args.repeats)
     results["decode_floor_tokens_per_s"] = copy_bandwidth(device) / decode_step_bytes(model)
+    results["device_busy_share"] = device_busy_shares(model, ids, visual, decode_settings)
     twin = None if args.no_transformers else transformers_twin(model, folder)
     if twin is not None:
         results["transformers"] = compare_with_transformers(model, twin, ids, visual, args.repeats)
@@ -384,6 +418,10 @@ def report(results, args, config):
     print(f"decode, greedy, {NEW_TOKENS} tokens: no FastV {decode['no_fastv']:.1f} tokens/s, R=0.5 {decode[f'K{k}_R0.5']:.1f} "
           f"tokens/s; floor (weights read once a token, measured copy bandwidth) {results['decode_floor_tokens_per_s']:.1f} "
           f"tokens/s: {decode['no_fastv'] / results['decode_floor_tokens_per_s']:.0%} of it")
+    if results["device_busy_share"]:
+        shares = results["device_busy_share"]
+        print(f"GPU busy (torch.profiler): prefill {shares['prefill_no_fastv']:.0%} of the time ({shares[f'prefill_K{k}_R0.5']:.0%} "
+              f"at R=0.5), decode {shares['decode_no_fastv']:.0%} ({shares[f'decode_K{k}_R0.5']:.0%}); the rest it waits for the host")
     if results["load_seconds"] is not None:
         print(f"load: {results['load_seconds']:.1f} s")
     theirs = results["transformers"]

@@ -268,7 +268,7 @@ class Lane:
     stream: "torch.cuda.Stream | None" = None
 
 
-def new_lanes(device, count=READERS):
+def new_lanes(device, count):
     if device.type == "cpu":
         return [Lane() for _ in range(count)]
     cuda = device.type == "cuda"  # from pinned memory a GPU copies at its bus's full speed, without a bounce
@@ -381,7 +381,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
 
     jobs = [(file, entry) for file, entries in plan.items() for entry in entries]
     free_lanes = queue.SimpleQueue()  # a reader thread takes a lane for each tensor and gives it back
-    for lane in new_lanes(device):
+    for lane in new_lanes(device, READERS):
         free_lanes.put(lane)
     files, failed = {file: os.open(file, os.O_RDONLY) for file in plan}, threading.Event()
 

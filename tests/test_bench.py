@@ -41,6 +41,7 @@ def test_bench_json_holds_every_number(tmp_path, capsys):
     assert set(written["prefill_ms_batch8"]) == {"no_fastv", "K2_R0.5", "K2_R0.75"}
     assert set(written["decode_tokens_per_s"]) == {"no_fastv", "K2_R0.5"} and written["decode_floor_tokens_per_s"] > 0
     assert all(value is None for value in written["peak_gpu_bytes"].values())  # on the CPU
+    assert written["device_busy_share"] == {}  # measured on CUDA only (tests/test_cuda.py checks it there)
     assert written["load_seconds"] is None  # a random model: nothing read from disk
     assert set(written["transformers"]) == {"prefill_ms", "decode_tokens_per_s"}
     # the predicted speed-ups are the exact FLOPs count's, computed here from the prompt's shape

@@ -249,3 +249,46 @@ def test_fastv_step_never_synchronizes_on_cuda(hub_checkpoint):
         torch.cuda.set_sync_debug_mode("default")
         start.remove()
         stop.remove()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading through pinned staging buffers and reader streams; the bench's GPU-busy measure
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_loading_onto_the_gpu_gives_the_files_bytes(hub_checkpoint, monkeypatch, dtype):
+    """Every tensor through the pinned buffers, on reader threads with their own streams, then cast on the GPU: the
+    same values as the CPU load. Tiny buffers (4 KiB) make every tensor take many chunks, and three threads share them."""
+    import minifastv.checkpoint as checkpoint
+
+    expected = load(str(hub_checkpoint), device="cpu", dtype=dtype, progress=False).state_dict()
+    monkeypatch.setattr(checkpoint, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(checkpoint, "READERS", 3)
+    loaded = load(str(hub_checkpoint), device=DEVICE, dtype=dtype, progress=False).state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in loaded.items():
+        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype, name
+        assert torch.equal(tensor.cpu(), expected[name]), name
+
+
+def test_device_busy_tells_a_busy_gpu_from_a_waiting_one():
+    import time
+
+    from minifastv.bench import device_busy
+
+    device = torch.device(DEVICE)
+    a = torch.randn(4096, 4096, device=device)
+
+    def matmuls():  # queued back to back: the GPU never waits
+        for _ in range(20):
+            a @ a
+
+    def small_kernels_and_sleeps():  # the host dawdles between tiny kernels
+        for _ in range(20):
+            a[0, 0] += 1
+            time.sleep(0.002)
+
+    busy, wall = device_busy(device, matmuls)
+    assert 0.8 < busy / wall <= 1.01, (busy, wall)
+    busy, wall = device_busy(device, small_kernels_and_sleeps)
+    assert busy / wall < 0.2, (busy, wall)

@@ -535,7 +535,7 @@ def read_one(file, entry, lane, device="cpu", dtype=None):
         os.close(fd)
 
 
-def small_lanes(device, count=checkpoint.READERS):
+def small_lanes(device, count):
     return [checkpoint.Lane(staging=torch.empty(4096, dtype=torch.uint8)) for _ in range(count)]
 
 
@@ -572,7 +572,7 @@ def test_a_file_that_shrinks_while_staging_is_caught(hub_checkpoint, tmp_path):
 
 def test_lanes_stage_off_the_cpu_only():
     """The CPU reads into each tensor's own memory; another device gets a buffer per lane (pinned on CUDA only)."""
-    assert all(lane.staging is None and lane.stream is None for lane in checkpoint.new_lanes(torch.device("cpu")))
+    assert all(lane.staging is None and lane.stream is None for lane in checkpoint.new_lanes(torch.device("cpu"), 3))
     lanes = checkpoint.new_lanes(torch.device("meta"), count=2)
     assert len(lanes) == 2 and lanes[0].staging is not lanes[1].staging
     assert all(lane.staging.numel() == checkpoint.STAGING_BYTES and not lane.staging.is_pinned() for lane in lanes)
