@@ -1,16 +1,18 @@
 """One GPU run that measures what the GPU issue asks for: python tests/gpu_check.py OUT_FOLDER [--smoke]
 
 The lent GPU machines cannot download anything, so every model here is random, in the real shapes. The
-steps run in order; each writes its own files into OUT_FOLDER, and a step that fails writes its error
-and lets the next one run:
-1. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers;
-2. bench_7b.json/.txt: the bench on random-7b in bfloat16, eager: prefill per setting, batch 8, decode
-   against its floor, peak memory, transformers on the same weights;
-3. bench_7b_compiled.json/.txt: the same with --compile (compile time included in the JSON);
-4. bench_video.json/.txt: the same as 2 for random-video-7b and a video prompt (2,056 video tokens);
-5. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
+steps run in this order, the least measured first (a loan may end before the last); each writes its own
+files into OUT_FOLDER, and a step that fails writes its error and lets the next one run:
+1. bench_7b_compiled.json/.txt: the bench on random-7b in bfloat16 with --compile: prefill per setting,
+   batch 8, decode against its floor, the GPU's busy share, peak memory, transformers on the same
+   weights, compile time; torch.compile's performance hints and recompilations in the .txt;
+2. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
    local disk, then read twice from the warm page cache, each in a fresh process: minifastv.load and
    transformers' from_pretrained(device_map="cuda"), seconds and host-memory peak;
+3. bench_7b.json/.txt: the same as 1, eager;
+4. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers, the
+   compiled path, the loader's GPU path;
+5. bench_video.json/.txt: the same as 3 for random-video-7b and a video prompt (2,056 video tokens);
 6. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
    LLaVA-7B to an image, and Video-LLaVA-7B (video tower only) to a video, each with and without FastV.
 
@@ -164,12 +166,15 @@ def main():
     else:
         bench = ["--device", "cuda", "--dtype", "bfloat16"]
         models = (["--model", "random-7b"], ["--model", "random-video-7b", "--video"])
-    # The most wanted numbers first: a loan may end before the last step.
-    for name, model in zip(("bench_7b", "bench_7b_compiled"), (models[0], models[0] + ["--compile"])):
-        run_step(out, name, lambda: module(out, name, ["minifastv.bench", *model, *bench, "--json", str(out / f"{name}.json")]))
+    # The least measured first: a loan may end before the last step.
+    def bench_7b(name, extra):
+        run_step(out, name, lambda: module(out, name, ["minifastv.bench", *models[0], *extra, *bench, "--json", str(out / f"{name}.json")]))
+
+    bench_7b("bench_7b_compiled", ["--compile"])
+    run_step(out, "load", lambda: time_loads(out, smoke))
+    bench_7b("bench_7b", [])
     if not smoke:
         run_step(out, "cuda_tests", lambda: module(out, "cuda_tests", ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]))
-    run_step(out, "load", lambda: time_loads(out, smoke))
     run_step(out, "bench_video", lambda: module(out, "bench_video", ["minifastv.bench", *models[1], *bench, "--json",
                                                                       str(out / "bench_video.json")]))
     run_step(out, "memory", lambda: peak_memory(out, smoke))
