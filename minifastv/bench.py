@@ -193,6 +193,7 @@ def device_busy_shares(model, ids, visual, settings):
     if model.device.type != "cuda":
         return {}
     shares = {}
+    device_busy(model.device, lambda: model(ids, **visual, last_logits_only=True))  # the profiler's first start is slow
     for name, fastv in settings.items():
         prefill = device_busy(model.device, lambda: model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True))
         generation = device_busy(model.device, lambda: model.generate(ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv,
