@@ -251,9 +251,10 @@ def read_header(file):
 
 
 # Reading the tensors. Reading a file, even from the page cache, is a memory copy that one core does at a few
-# GB/s, so several reader threads read tensors side by side (os.preadv reads at an offset, so they share one
-# open file, and it lets other threads run while it waits). Each thread has its own lane: a staging buffer
-# and, on a GPU, a CUDA stream of its own, so that one thread's copy to the GPU runs while another reads.
+# GB/s, so several reader threads read tensors side by side, each tensor through a file handle of its own
+# (threads never share a file position; a read lets the other threads run while it waits). Each thread has
+# its own lane: a staging buffer and, on a GPU, a CUDA stream, so that one thread's copy to the GPU runs
+# while another reads.
 
 READERS = min(4, os.cpu_count() or 1)  # a 2-core AMD EPYC reads its page cache at 4.0 GB/s on 1 thread, 6.4 on 2
 STAGING_BYTES = 32 * 2**20
@@ -276,34 +277,36 @@ def new_lanes(device, count):
             for _ in range(count)]
 
 
-def read_bytes(fd, host, offset, entry, file):
-    """Fill the host memory `host` (a memoryview) with the file's bytes from `offset` on. A read may return less
-    than asked, and 0 at the end of the file: then the file shrank since its header was read."""
+def read_bytes(f, host, entry, file):
+    """Fill the host memory `host` (a memoryview) from the open file's position on. A read may return less than
+    asked, and nothing at the end of the file: then the file shrank since its header was read."""
     done = 0
     while done < len(host):
-        count = os.preadv(fd, [host[done:]], offset + done)
-        if count == 0:
+        count = f.readinto(host[done:])
+        if not count:
             raise CheckpointError(f"{file} ended inside tensor {entry.name}: the file is truncated; download it again.")
         done += count
 
 
-def read_tensor(fd, entry, file, device, dtype, lane):
-    """One tensor of an open .safetensors file (`fd`), onto `device` in `dtype`. Through a staging buffer (a GPU),
-    chunk by chunk: host memory never holds the tensor, whose bytes go to the GPU as they are and are cast there."""
+def read_tensor(entry, file, device, dtype, lane):
+    """One tensor of a .safetensors file, onto `device` in `dtype`. Through a staging buffer (a GPU), chunk by
+    chunk: host memory never holds the tensor, whose bytes go to the GPU as they are and are cast there."""
     size = entry.end - entry.begin
-    if lane.staging is None:  # the CPU: read into the tensor's own memory
-        raw = torch.empty(size, dtype=torch.uint8)
-        read_bytes(fd, memoryview(raw.numpy()), entry.begin, entry, file)
-    else:
-        raw = torch.empty(size, dtype=torch.uint8, device=device)
-        host = memoryview(lane.staging.numpy())
-        with torch.cuda.stream(lane.stream):  # this thread's copies go on its own stream (None: no stream, not a GPU)
-            if lane.stream:  # raw may reuse memory that work queued on the default stream still reads: wait for it
-                lane.stream.wait_stream(torch.cuda.default_stream(device))
-            for start in range(0, size, len(host)):
-                chunk = min(len(host), size - start)
-                read_bytes(fd, host[:chunk], entry.begin + start, entry, file)
-                raw[start : start + chunk].copy_(lane.staging[:chunk])  # waits for the copy: the buffer can be refilled
+    with open(file, "rb", buffering=0) as f:
+        f.seek(entry.begin)
+        if lane.staging is None:  # the CPU: read into the tensor's own memory
+            raw = torch.empty(size, dtype=torch.uint8)
+            read_bytes(f, memoryview(raw.numpy()), entry, file)
+        else:
+            raw = torch.empty(size, dtype=torch.uint8, device=device)
+            host = memoryview(lane.staging.numpy())
+            with torch.cuda.stream(lane.stream):  # this thread's copies go on its own stream (None: no stream, not a GPU)
+                if lane.stream:  # raw may reuse memory that work queued on the default stream still reads: wait for it
+                    lane.stream.wait_stream(torch.cuda.default_stream(device))
+                for start in range(0, size, len(host)):
+                    chunk = min(len(host), size - start)
+                    read_bytes(f, host[:chunk], entry, file)
+                    raw[start : start + chunk].copy_(lane.staging[:chunk])  # waits for the copy: the buffer can be refilled
     return raw.view(READABLE_DTYPES[entry.dtype]).view(entry.shape).to(dtype)
 
 
@@ -383,7 +386,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
     free_lanes = queue.SimpleQueue()  # a reader thread takes a lane for each tensor and gives it back
     for lane in new_lanes(device, READERS):
         free_lanes.put(lane)
-    files, failed = {file: os.open(file, os.O_RDONLY) for file in plan}, threading.Event()
+    failed = threading.Event()
 
     def read(job):  # on a reader thread
         file, entry = job
@@ -391,7 +394,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
             return None
         lane = free_lanes.get()
         try:
-            return read_tensor(files[file], entry, file, device, dtype, lane)
+            return read_tensor(entry, file, device, dtype, lane)
         except BaseException:
             failed.set()
             raise
@@ -408,8 +411,6 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True, t
                 bar.update(entry.end - entry.begin)
     finally:
         readers.shutdown(cancel_futures=True)  # after an error, no other tensor is started
-        for fd in files.values():
-            os.close(fd)
     model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
     model.init_rope()
     return model.eval().requires_grad_(False)

@@ -710,8 +710,8 @@ QUOTED = {
     "took 17.1 to 18.1 s": "earlier H200 run", "3.2 s with transformers'": "earlier H200 run",
     "the H200's tensor cores": "H200",
     # tests/measure_load_speed.py on the 2-core AMD EPYC, before (2333820) and after the reader threads
-    "a 2.34 GB float16 checkpoint": "measure_load_speed", "in 1.07 s instead of 2.76 s": "measure_load_speed",
-    "went from 2.51 s to 0.32 s, with the host's peak 70 MB above the start instead of 264 MB": "measure_load_speed",
+    "a 2.34 GB float16 checkpoint": "measure_load_speed", "in 1.17 s instead of 2.76 s": "measure_load_speed",
+    "went from 2.51 s to 0.30 s, with the host's peak 71 MB above the start instead of 264 MB": "measure_load_speed",
     # datasheets and the T4
     "peaks at 65 TFLOP/s": "NVIDIA T4 datasheet", "A T4 has 14.75 GiB": "T4 as torch reports it (FACTS.md)",
     # the official FastV README
