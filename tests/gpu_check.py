@@ -9,11 +9,14 @@ files into OUT_FOLDER, and a step that fails writes its error and lets the next 
 2. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
    local disk, then read twice from the warm page cache, each in a fresh process: minifastv.load and
    transformers' from_pretrained(device_map="cuda"), seconds and host-memory peak;
-3. bench_7b.json/.txt: the same as 1, eager;
-4. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers, the
+3. prefill_graph.json: an experiment, the batch-1 prefill with its launches recorded as CUDA graphs
+   (torch.compile's "cudagraphs" backend, no code generated) against eager, without FastV and at R=0.5:
+   how much of FastV's predicted speed-up a prefill without launch overhead realizes;
+4. bench_7b.json/.txt: the same as 1, eager;
+5. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers, the
    compiled path, the loader's GPU path;
-5. bench_video.json/.txt: the same as 3 for random-video-7b and a video prompt (2,056 video tokens);
-6. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
+6. bench_video.json/.txt: the same as 4 for random-video-7b and a video prompt (2,056 video tokens);
+7. memory.json: the T4 question, float16 peak GPU memory (allocated and reserved) of a 32-token answer:
    LLaVA-7B to an image, and Video-LLaVA-7B (video tower only) to a video, each with and without FastV.
 
 --smoke runs the same steps on the CPU with small models, to check this script where no GPU is.
@@ -122,22 +125,68 @@ def time_loads(out, smoke):
     (out / "load.json").write_text(json.dumps(results, indent=2))
 
 
+def real_config(preset, smoke):
+    """A real model's config; with --smoke, the shapes' geometry, narrower and shallower."""
+    from minifastv.checkpoint import config_by_name
+
+    config = config_by_name(preset)
+    if smoke:
+        config.text.hidden_size, config.text.intermediate_size, config.text.num_attention_heads = 256, 688, 2
+        config.text.num_key_value_heads, config.text.head_dim = 2, 128
+        config.text.num_hidden_layers, config.vision.num_hidden_layers = 3, 2
+    return config
+
+
+def prefill_graph(out, smoke):
+    """An experiment for the compiled path's next step: the batch-1 prefill with its launches gone. Llava.forward
+    under torch.compile's "cudagraphs" backend (the eager kernels, recorded as CUDA graphs between the forward's few
+    host syncs; no code generated) against eager, bfloat16 random-7b, without FastV and at K=2 R=0.5."""
+    import statistics
+
+    import torch
+
+    import minifastv
+    from minifastv import bench
+    from minifastv.flops import exact_prefill_flops
+
+    device = torch.device("cpu" if smoke else "cuda")
+    config = real_config("llava-1.5-7b", smoke)
+    model = bench.random_model(config, device, torch.float32 if smoke else torch.bfloat16)
+    ids, visual = bench.benchmark_prompt(config, 40)
+    graphed = torch.compile(model, backend="cudagraphs", dynamic=False)
+    results = {"device": bench.device_name(device), "torch": torch.__version__, "prompt_tokens": ids.shape[1]}
+    with torch.inference_mode():
+        for name, fastv in (("no_fastv", None), ("K2_R0.5", minifastv.FastV(2, 0.5))):
+            logits = {}
+            for label, run in (("eager", model), ("cudagraphs", graphed)):
+                def prefill():
+                    torch.compiler.cudagraph_mark_step_begin()  # the last run's outputs may be overwritten now
+                    return run(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+
+                for _ in range(3):  # the first runs record the graphs
+                    prefill()
+                times = [bench.timed(device, prefill) for _ in range(7)]
+                results[f"{label}_{name}_ms"] = statistics.median(times) * 1e3
+                logits[label] = prefill().float().cpu()  # a replay's
+            results[f"max_logit_difference_{name}"] = (logits["eager"] - logits["cudagraphs"]).abs().max().item()
+    unpruned = exact_prefill_flops(config, ids.shape[1], 576)
+    results["predicted_speedup_K2_R0.5"] = unpruned / exact_prefill_flops(config, ids.shape[1], 576, 2, 0.5)
+    for label in ("eager", "cudagraphs"):
+        results[f"{label}_speedup_K2_R0.5"] = results[f"{label}_no_fastv_ms"] / results[f"{label}_K2_R0.5_ms"]
+    (out / "prefill_graph.json").write_text(json.dumps(results, indent=2))
+
+
 def peak_memory(out, smoke):
     """float16 peak GPU memory of a 32-token answer, with and without FastV (or, with --smoke, that it runs)."""
     import torch
 
     import minifastv
     from minifastv import bench
-    from minifastv.checkpoint import config_by_name
 
     device = torch.device("cpu" if smoke else "cuda")
     results = {}
     for preset, video in (("llava-1.5-7b", False), ("video-llava-7b", True)):
-        config = config_by_name(preset)
-        if smoke:  # the shapes' geometry, narrower and shallower
-            config.text.hidden_size, config.text.intermediate_size, config.text.num_attention_heads = 256, 688, 2
-            config.text.num_key_value_heads, config.text.head_dim = 2, 128
-            config.text.num_hidden_layers, config.vision.num_hidden_layers = 3, 2
+        config = real_config(preset, smoke)
         model = bench.random_model(config, device, torch.float16)
         if video:
             model.image_tower = None  # load(towers=("video",)): a video question needs the video tower only
@@ -172,6 +221,7 @@ def main():
 
     bench_7b("bench_7b_compiled", ["--compile"])
     run_step(out, "load", lambda: time_loads(out, smoke))
+    run_step(out, "prefill_graph", lambda: prefill_graph(out, smoke))
     bench_7b("bench_7b", [])
     if not smoke:
         run_step(out, "cuda_tests", lambda: module(out, "cuda_tests", ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]))
