@@ -84,34 +84,9 @@ def write_random_checkpoint(folder, preset, shards=3, smoke=False):
     return folder
 
 
-LOADER = """
-import json, sys, time, torch
-sys.path.insert(0, {root!r})
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status("VmRSS")
-started = time.perf_counter()
-if {which!r} == "minifastv":
-    import minifastv
-    model = minifastv.load({folder!r}, device={device!r}, dtype=torch.float16, progress=False)
-else:
-    from transformers import LlavaForConditionalGeneration
-    on_gpu = dict(device_map="cuda") if {device!r} == "cuda" else {{}}  # device_map needs accelerate
-    model = LlavaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.float16, **on_gpu)
-if {device!r} == "cuda":
-    torch.cuda.synchronize()
-seconds = time.perf_counter() - started
-print(json.dumps({{"seconds": seconds, "host_peak_increase": status("VmHWM") - before}}))
-"""
-
-
 def time_loads(out, smoke):
+    from memory_probe import measure_load
+
     folder = write_random_checkpoint(Path("/tmp/minifastv-random-7b"), "llava-1.5-7b", smoke=smoke)
     size = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
     device = "cpu" if smoke else "cuda"
@@ -119,9 +94,11 @@ def time_loads(out, smoke):
         file.read_bytes()
     results = {"checkpoint_bytes": size, "device": device}
     for which in ("minifastv", "transformers"):
-        code = LOADER.format(root=str(ROOT), which=which, folder=str(folder), device=device)
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-        results[which] = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else result.stderr[-2000:]
+        try:
+            result = measure_load(folder, device, "float16", transformers=which == "transformers")
+            results[which] = {"seconds": result["seconds"], "host_peak_increase": result["peak_increase"]}
+        except RuntimeError as error:  # the loading process failed: keep its output, measure the other
+            results[which] = str(error)[-2000:]
     (out / "load.json").write_text(json.dumps(results, indent=2))
 
 

@@ -1,6 +1,6 @@
 """How much host memory `minifastv.load` takes: a random llava-shaped checkpoint, loaded in a fresh process.
 
-Shared by tests/test_memory.py and tests/measure_load_memory.py. Each load runs in a
+Shared by tests/test_memory.py, tests/measure_load_memory.py, tests/measure_load_speed.py and tests/gpu_check.py. Each load runs in a
 process of its own, which reads its peak resident memory (VmHWM) from /proc: Linux only.
 """
 
@@ -88,13 +88,16 @@ before = status("VmRSS")
 clock = time.perf_counter()
 if {transformers!r}:
     from transformers import LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.{dtype})
+    on_gpu = dict(device_map="cuda") if {device!r} == "cuda" else {{}}  # device_map needs accelerate
+    model = LlavaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.{dtype}, **on_gpu)
 else:
     model = minifastv.load({folder!r}, device={device!r}, dtype=torch.{dtype}, progress=False)
+if {device!r} == "cuda":
+    torch.cuda.synchronize()  # the copies are asynchronous: the load ends when they do
 seconds = time.perf_counter() - clock
 peak = status("VmHWM")
 tensors = list(model.parameters()) + list(model.buffers())
-model_bytes = sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+model_bytes = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
 print(json.dumps({{"peak_increase": peak - before, "model_bytes": model_bytes, "setup": before - started, "seconds": seconds}}))
 """
 
@@ -104,8 +107,9 @@ def measure_load(folder, device, dtype, transformers=False):
     "seconds" the load took.
 
     dtype is a torch attribute name ("float16"). device "meta" reads every tensor from disk and drops
-    it: what loading onto a GPU costs the host. transformers=True: transformers' from_pretrained on the
-    CPU instead, for comparison (it maps the files into memory and reads a tensor when it is first used).
+    it: what loading onto a GPU costs the host; "cuda" loads onto the GPU (model_bytes counts host memory
+    only). transformers=True: transformers' from_pretrained instead, for comparison (on the CPU it maps
+    the files into memory and reads a tensor when it is first used; onto a GPU with device_map="cuda").
     """
     code = CHILD.format(root=str(ROOT), folder=str(folder), device=device, dtype=dtype, transformers=transformers)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
