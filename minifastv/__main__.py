@@ -6,7 +6,7 @@ import sys
 import torch
 
 from . import cli
-from .generation import GenerationStats, Sampling
+from .generation import GenerationStats, Sampling, generate, stream
 
 DESCRIPTION = """\
 Ask LLaVA-1.5 a question about one or more images, and watch FastV prune the image tokens.
@@ -57,8 +57,9 @@ def run(model, question, fastv, max_new_tokens, out):
     stats = GenerationStats()
     decoder = question.tokenizer.stream_decoder()
     pieces = []
-    for token in model.stream(question.input_ids, question.pixel_values, question.pixel_values_videos,
-                              max_new_tokens=max_new_tokens, fastv=fastv, sampling=question.sampling, stats=stats):
+    for token in stream(model, question.input_ids, question.pixel_values,
+                        question.pixel_values_videos, max_new_tokens=max_new_tokens, fastv=fastv,
+                        sampling=question.sampling, stats=stats):
         piece = decoder.push(int(token[0]))
         pieces.append(piece)
         print(piece, end="", flush=True, file=out)
@@ -108,8 +109,8 @@ def main(argv=None, out=None):
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
     if args.compile:  # compile for the settings that will run, with and without FastV, before any timing
         settings = [None, question.fastv] if args.compare else [question.fastv]
-        cli.compile_and_warm_up(model, lambda: [model.generate(
-            question.input_ids, question.pixel_values, question.pixel_values_videos, max_new_tokens=args.max_new_tokens,
+        cli.compile_and_warm_up(model, lambda: [generate(
+            model, question.input_ids, question.pixel_values, question.pixel_values_videos, max_new_tokens=args.max_new_tokens,
             fastv=fastv) for fastv in settings])
     if args.compare:
         with torch.inference_mode():  # warm up (kernels, allocator) so that neither run pays for it in the timings

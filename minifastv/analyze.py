@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import cli
 from .errors import UsageError
+from .generation import generate
 from .image import ImageProcessorConfig
 from .model import FastV, attention_rows, causal_padding_mask, fastv_rule, visual_layout
 from .rules import grid_rule, no_rope_rule, random_rule
@@ -339,7 +340,7 @@ def main(argv=None, out=None):
     out_folder = output_folder(args.out)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
     input_ids, pixel_values, videos = question.input_ids, question.pixel_values, question.pixel_values_videos
-    answer = model.generate(input_ids, pixel_values, videos, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
+    answer = generate(model, input_ids, pixel_values, videos, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
     print(f"answer: {question.tokenizer.decode(answer[0].tolist()).strip()}", file=out)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
     result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers, videos)

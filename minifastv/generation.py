@@ -1,8 +1,9 @@
-"""Generation: prefill the prompt once (FastV prunes there), then one token at a time against the KV cache.
+"""Generation: prefill the prompt once (FastV prunes there), then one token at a time.
 
-Llava (model.py) inherits `generate` and `stream` from GenerationMixin, so `model.generate(...)` works;
-this file only calls the model, never reaches into its layers. Sampling settings are one small
-dataclass, and a GenerationStats records what a run measured.
+Free functions that drive the model (model.py), as llama's generation.py and gpt-fast do: the model
+never imports this file. `generate(model, input_ids, ...)` returns the new tokens; `stream` yields
+them one at a time. Sampling settings are one small dataclass; a GenerationStats records what a
+run measured.
 """
 
 import time
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .compiled import static_cache
 from .errors import SettingsError
 from .flops import prefill_flops_report
 
@@ -19,17 +19,19 @@ from .flops import prefill_flops_report
 class Sampling:
     """How the next token is picked: greedy (temperature 0, the default) or nucleus sampling."""
 
-    temperature: float = 0.0  # 0 picks the likeliest token; > 0 samples from softmax(logits / temperature)
-    top_p: float = 1.0  # when sampling: only from the smallest set of tokens whose probability reaches top_p
+    temperature: float = 0.0  # 0 picks the likeliest token; > 0 samples softmax(logits / it)
+    top_p: float = 1.0  # sampling: only from the fewest tokens whose probability reaches top_p
     seed: int = 0  # the random generator's seed: the same seed, the same answer
 
     def __post_init__(self):
         if not self.temperature >= 0:  # also refuses NaN
-            raise SettingsError(f"The sampling temperature must be 0 (greedy) or more, got {self.temperature}.")
+            raise SettingsError("The sampling temperature must be 0 (greedy) or more, "
+                                f"got {self.temperature}.")
         if not 0 < self.top_p <= 1:
-            raise SettingsError(f"top-p is a share of the probability and must be in (0, 1], got {self.top_p}.")
+            raise SettingsError(f"top-p is a share of the probability and must be in (0, 1], "
+                                f"got {self.top_p}.")
         if self.temperature == 0 and self.top_p != 1:
-            raise SettingsError("top-p applies only when sampling: set a temperature above 0 as well.")
+            raise SettingsError("top-p applies only when sampling: set a temperature above 0 too.")
 
 
 def pick_token(logits, sampling, generator):
@@ -38,15 +40,15 @@ def pick_token(logits, sampling, generator):
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the first token always stays
+    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the first stays
     sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes itself
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1); renormalizes
     return order.gather(-1, choice)[:, 0]
 
 
 def synchronize(device):
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait before reading the clock
 
 
 @dataclass
@@ -59,7 +61,7 @@ class GenerationStats:
     image_tokens_kept: int = 0
     k: int | None = None  # FastV's settings, None without FastV
     r: float | None = None
-    kept_image_tokens: torch.Tensor | None = None  # (B, kept): indices of the kept image tokens, in prompt order
+    kept_image_tokens: torch.Tensor | None = None  # (B, kept): the kept image tokens' indices
     kv_cache_bytes: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
@@ -72,75 +74,66 @@ class GenerationStats:
 
     def record_prefill(self, config, input_ids, cache, fastv, seconds):
         self.prompt_tokens = input_ids.shape[1]
-        self.image_tokens = int(config.is_visual(input_ids[0]).sum())
-        self.video_tokens = int((input_ids[0] == config.video_token_id).sum()) if config.video_token_id is not None else 0
-        self.image_tokens_kept = self.image_tokens
-        pruned = cache.pruned_at is not None
+        self.image_tokens = self.image_tokens_kept = int(config.is_visual(input_ids[0]).sum())
+        if config.video_token_id is not None:
+            self.video_tokens = int((input_ids[0] == config.video_token_id).sum())
+        pruned = cache.kept_image_tokens is not None
         if pruned:
             self.k, self.r = fastv.k, fastv.r
             self.image_tokens_kept = cache.kept_image_tokens.shape[1]
             self.kept_image_tokens = cache.kept_image_tokens.cpu()
         self.prefill_seconds = seconds
-        self.flops = prefill_flops_report(config, self.prompt_tokens, self.image_tokens, fastv if pruned else None,
-                                          batch_size=input_ids.shape[0], num_videos=self.video_tokens // config.tokens_per_video)
+        self.kv_cache_bytes = cache.nbytes()
+        self.flops = prefill_flops_report(
+            config, self.prompt_tokens, self.image_tokens, fastv if pruned else None,
+            batch_size=input_ids.shape[0], num_videos=self.video_tokens // config.tokens_per_video)
 
 
-class GenerationMixin:
-    """generate() and stream() for Llava: they need only its forward pass, config, device and new_cache()."""
+@torch.inference_mode()
+def stream(model, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
+           max_new_tokens=64, fastv=None, sampling=None, stats=None, eos_token_id=None):
+    """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
 
-    @torch.inference_mode()
-    def stream(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=64,
-               fastv=None, sampling=None, stats=None, eos_token_id=None):
-        """Yield the next token of every sequence, (B,), until each has produced EOS or the limit.
-
-        `sampling`: a Sampling (default greedy). Finished sequences yield pad ids. FastV prunes once, at
-        prefill: the cache of layers >= K holds only the kept tokens, and every generated token attends to
-        those. Pass a GenerationStats as `stats` to have it filled in; eos_token_id=-1 never stops early.
-        After minifastv.compile_model(model), the decode steps run compiled against a StaticKVCache (compiled.py).
-        """
-        sampling = sampling or Sampling()
-        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        eos_token_id = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
-        context = self.config.text.max_position_embeddings
-        if input_ids.shape[1] + max_new_tokens > context:
-            raise ValueError(
-                f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for {max_new_tokens} more, "
-                f"but the model's context is {context} tokens."
-            )
-        compiled_decode_step = getattr(self, "compiled_decode_step", None)  # set by minifastv.compile_model
-        cache = self.new_cache()
-        started = time.perf_counter()
-        logits = self(input_ids, pixel_values, pixel_values_videos, attention_mask, cache=cache, fastv=fastv,
-                      last_logits_only=True)
-        next_token = pick_token(logits[:, -1].float(), sampling, generator)  # (B,)
-        synchronize(self.device)
+    `sampling`: a Sampling (default greedy). Finished sequences yield pad ids. FastV prunes once,
+    at prefill: the cache of layers >= K holds only the kept tokens, and every generated token
+    attends to those. Pass a GenerationStats as `stats` to have it filled in; eos_token_id=-1
+    never stops early. The same loop runs a model compiled by minifastv.compile_model.
+    """
+    sampling = sampling or Sampling()
+    generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    eos_token_id = model.config.text.eos_token_id if eos_token_id is None else eos_token_id
+    context = model.config.text.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > context:
+        raise ValueError(f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for "
+                         f"{max_new_tokens} more, but the model's context is {context} tokens.")
+    started = time.perf_counter()
+    cache = model.new_cache(input_ids, fastv, room=max_new_tokens)
+    logits = model(input_ids, pixel_values, pixel_values_videos, attention_mask, cache=cache,
+                   fastv=fastv, last_logits_only=True)
+    next_token = pick_token(logits[:, -1].float(), sampling, generator)  # (B,)
+    synchronize(model.device)
+    if stats is not None:
+        stats.record_prefill(model.config, input_ids, cache, fastv, time.perf_counter() - started)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=model.device)
+    for step in range(max_new_tokens):
+        next_token = next_token.masked_fill(finished, model.config.pad_token_id)
+        yield next_token
+        finished |= next_token == eos_token_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        started = time.perf_counter()  # per step: what the caller does between tokens is not ours
+        torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph may reuse the last outputs now
+        next_token = pick_token(model.decode_step(next_token, cache).float(), sampling, generator)
         if stats is not None:
-            stats.record_prefill(self.config, input_ids, cache, fastv, time.perf_counter() - started)
-        if compiled_decode_step is not None:  # the compiled path decodes against buffers of fixed size
-            cache = static_cache(self, cache, max_new_tokens)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            next_token = next_token.masked_fill(finished, self.config.pad_token_id)
-            yield next_token
-            finished |= next_token == eos_token_id
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            started = time.perf_counter()  # timed per step: what the caller does between tokens is not ours
-            if compiled_decode_step is None:
-                logits = self(next_token[:, None], cache=cache, last_logits_only=True)[:, -1]  # (B, vocab)
-            else:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
-                logits = compiled_decode_step(self, cache, next_token)
-            next_token = pick_token(logits.float(), sampling, generator)
-            if stats is not None:
-                synchronize(self.device)
-                stats.decode_tokens += 1
-                stats.decode_seconds += time.perf_counter() - started
-        if stats is not None:
-            stats.kv_cache_bytes = cache.nbytes()
+            synchronize(model.device)
+            stats.decode_tokens += 1
+            stats.decode_seconds += time.perf_counter() - started
 
-    def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=64,
-                 **options):
-        """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, sampling=, stats=)."""
-        tokens = list(self.stream(input_ids, pixel_values, pixel_values_videos, attention_mask, max_new_tokens, **options))
-        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+def generate(model, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
+             max_new_tokens=64, **options):
+    """The new token ids (B, N), EOS included; see `stream` for the options (fastv=, sampling=,
+    stats=, eos_token_id=)."""
+    tokens = list(stream(model, input_ids, pixel_values, pixel_values_videos, attention_mask,
+                         max_new_tokens, **options))
+    return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -1,10 +1,11 @@
-"""LLaVA-1.5 in one file: CLIP vision tower, projector, Llama decoder, KV cache, and FastV at layer K.
+"""LLaVA-1.5 in one file: CLIP tower, projector, Llama decoder, KV cache, and FastV at layer K.
 
-Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks and the projector,
-the KV cache, FastV's settings and rule, and the LLaVA model that joins them, with the FastV step inline
-in its decoder loop. Beside it: generation.py (the prefill/decode loop, sampling, statistics) and
-checkpoint.py (reading llava-hf checkpoints). Shapes are tagged in comments: B batch, T tokens, S cached
-keys, H heads, D head size, C channels, N image tokens.
+Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks and the
+projector, the KV cache, FastV's settings and rule, and the LLaVA model that joins them: its prefill
+(`Llava.forward`, with the FastV step inline in the decoder loop) and its decode step. The model
+imports nothing of the package but its errors: generation.py drives it, checkpoint.py fills it.
+Shapes are tagged in comments: B batch, T tokens, S keys, H heads, D head size, C channels,
+N visual (image and video) tokens.
 """
 
 from dataclasses import dataclass, fields
@@ -14,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, SettingsError
-from .generation import GenerationMixin
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Configuration: three dataclasses filled from a llava-hf config.json.
 # The hub's config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
 
@@ -28,10 +28,12 @@ def _known_fields(cls, values):
 
 
 def _refuse_unsupported(values, **supported):
-    """Raise when the config asks for a variant this file does not implement (e.g. biased attention)."""
+    """Raise when the config asks for a variant this file does not implement (e.g. biased
+    attention)."""
     for key, expected in supported.items():
         if values.get(key, expected) != expected:
-            raise CheckpointError(f"minifastv supports only {key}={expected!r}, but the config has {values[key]!r}.")
+            raise CheckpointError(f"minifastv supports only {key}={expected!r}, "
+                                  f"but the config has {values[key]!r}.")
 
 
 @dataclass
@@ -61,7 +63,8 @@ class TextConfig:
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise CheckpointError(f"minifastv supports only plain RoPE, but the config asks for {rope}.")
         values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                            tie_word_embeddings=False)
         return _known_fields(cls, values)
 
 
@@ -90,17 +93,18 @@ class VisionConfig:
 
 @dataclass
 class LlavaConfig:
-    """How the towers are joined. LLaVA-1.5 has one CLIP tower; Video-LLaVA has two of one shape, one for
-    images and one for video frames, and a second placeholder, <video>."""
+    """How the towers are joined. LLaVA-1.5 has one CLIP tower; Video-LLaVA has two of one shape,
+    one for images and one for video frames, and a second placeholder, <video>."""
 
     text: TextConfig
     vision: VisionConfig
     image_token_id: int = 32000  # the <image> placeholder id: one per image feature in the prompt
-    video_token_id: int | None = None  # Video-LLaVA's <video> placeholder (32001); None: LLaVA, no video tower
+    # Video-LLaVA's <video> placeholder (32001); None: LLaVA, which has no video tower.
+    video_token_id: int | None = None
     pad_token_id: int = 32001
     num_frames: int = 8  # Video-LLaVA samples 8 frames of a video
-    vision_feature_layer: int = -2  # which CLIP hidden state feeds the projector (-2: second to last)
-    vision_feature_select_strategy: str = "default"  # images: "default" drops the CLS token, "full" keeps it
+    vision_feature_layer: int = -2  # which CLIP hidden state feeds the projector: second to last
+    vision_feature_select_strategy: str = "default"  # "default" drops an image's CLS, "full" not
 
     @property
     def image_tokens_per_image(self):
@@ -109,30 +113,34 @@ class LlavaConfig:
 
     @property
     def tokens_per_video(self):
-        return self.num_frames * (self.vision.grid_size**2 + 1)  # every frame keeps its CLS: 8 x 257 = 2056
+        return self.num_frames * (self.vision.grid_size**2 + 1)  # a frame keeps its CLS: 8 x 257
 
     def is_visual(self, input_ids):
-        """True where input_ids holds an <image> or <video> placeholder: the tokens FastV ranks, as one pool."""
+        """True where input_ids holds an <image> or <video> placeholder: the tokens FastV ranks,
+        as one pool."""
         is_image = input_ids == self.image_token_id
-        return is_image if self.video_token_id is None else is_image | (input_ids == self.video_token_id)
+        if self.video_token_id is None:
+            return is_image
+        return is_image | (input_ids == self.video_token_id)
 
     @classmethod
     def from_dict(cls, values):
-        """A config from config.json's values (checkpoint.read_config also checks their types and ranges)."""
+        """A config from config.json's values (checkpoint.read_config checks types and ranges)."""
         values = dict(values)
         values.setdefault("image_token_id", values.get("image_token_index", cls.image_token_id))
-        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True,
+                            tie_word_embeddings=False)
         config = _known_fields(cls, {**values, "text": None, "vision": None, "video_token_id": None})
         config.text = TextConfig.from_dict(values.get("text_config", {}))
         config.vision = VisionConfig.from_dict(values.get("vision_config", {}))
         if values.get("model_type") == "video_llava":
             config.video_token_id = values.get("video_token_index", 32001)
-            config.num_frames = values.get("video_seq_length", 2056) // (config.vision.grid_size**2 + 1)
+            frame_tokens = config.vision.grid_size**2 + 1
+            config.num_frames = values.get("video_seq_length", 2056) // frame_tokens
         return config
 
 
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The Llama decoder: RMSNorm, rotary embedding, attention, SwiGLU MLP, decoder layer.
 
 
@@ -156,10 +164,11 @@ def rope_tables(config: TextConfig, device):
     float32). Each position has its own row, so a pruned token can keep its original position.
     """
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # (D/2,)
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float, device=device)
     angles = positions[:, None] * inv_freq[None, :]  # (P, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (P, D): "rotate half" pairs dim i with dim i + D/2
+    angles = torch.cat((angles, angles), dim=-1)  # (P, D): "rotate half" pairs dim i, i + D/2
     return angles.cos(), angles.sin()
 
 
@@ -179,29 +188,30 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        hidden, head_dim = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * head_dim, hidden, bias=False)
 
     def project(self, x, cos, sin):
-        """Queries, keys and values with RoPE applied: (B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D)."""
+        """Queries (B, H, T, D), keys and values (B, H_kv, T, D), RoPE applied to the first two."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask, cache=None, layer_index=None):
         q, k, v = self.project(x, cos, sin)
-        if cache is not None:  # prepend the keys and values of earlier tokens
+        if cache is not None:  # prefill: stored; decode: the keys and values of every slot back
             k, v = cache.update(layer_index, k, v)  # (B, H_kv, S, D)
-        # Fused attention (SDPA): its flash and memory-efficient kernels never build the (T, S) weights (its math
-        # kernel, the fallback, does). `mask is None` means plain causal.
+        # Fused attention (SDPA): its flash and memory-efficient kernels never build the (T, S)
+        # weights (its math kernel, the fallback, does). `mask is None` means plain causal.
         # enable_gqa lets several query heads share a key/value head (grouped-query attention).
-        is_causal = mask is None and q.shape[2] > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+            scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
         return self.o_proj(out), (q, k)  # FastV scores with this layer's queries and keys
 
@@ -214,7 +224,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU: three matrices
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU: 3 matrices
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -226,61 +236,64 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_index=None):
-        attention_out, queries_keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
+        normed = self.input_layernorm(x)
+        attention_out, queries_keys = self.self_attn(normed, cos, sin, mask, cache, layer_index)
         x = x + attention_out
         return x + self.mlp(self.post_attention_layernorm(x)), queries_keys
 
 
 class LlamaModel(nn.Module):
-    """The decoder's weights. Its loop runs in Llava.forward, where FastV can cut in at layer K."""
+    """The decoder's weights. Its loop runs in Llava.forward, where FastV cuts in at layer K."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        layers = (LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 def visible_keys(key_mask, num_queries):
     """Boolean (B, 1, T, S): True where each of the last T queries may attend to a key.
 
-    `key_mask` (B, S) marks real tokens (1) and left padding (0) of every key, cached ones included;
-    the T queries are the last T of those keys. A query sees the earlier real tokens and itself.
+    `key_mask` (B, S) marks real tokens (1) and left padding (0) of every key; the T queries are
+    the last T of those keys. A query sees the earlier real tokens and itself.
     """
     num_keys = key_mask.shape[1]
     key_index = torch.arange(num_keys, device=key_mask.device)
     query_index = key_index[num_keys - num_queries :]
     causal = key_index[None, :] <= query_index[:, None]  # (T, S)
     itself = key_index[None, :] == query_index[:, None]  # (T, S)
-    # A padding query sees only itself: a row with no key at all gives NaN in some SDPA kernels, and a
-    # NaN value would leak into real tokens (0 x NaN = NaN) even though they never attend to padding.
-    return (causal[None, None] & key_mask.bool()[:, None, None, :]) | itself[None, None]  # (B, 1, T, S)
+    # A padding query sees only itself: a row with no key at all gives NaN in some SDPA kernels,
+    # and a NaN value would leak into real tokens (0 x NaN = NaN) though they never attend to it.
+    real_keys = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    return (causal[None, None] & real_keys) | itself[None, None]  # (B, 1, T, S)
 
 
 def causal_padding_mask(key_mask, num_queries):
     """The attention mask for SDPA: visible_keys, or None when plain causal attention will do.
 
-    None lets SDPA use `is_causal`, which picks its fastest kernel; that is the case without padding.
+    None lets SDPA use `is_causal`, which picks its fastest kernel: the case without padding.
     """
     if bool(key_mask.all()) and num_queries in (1, key_mask.shape[1]):
         return None
     return visible_keys(key_mask, num_queries)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The CLIP vision tower (ViT-L/14-336) and the projector into the decoder's space.
 
 
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
-                                         stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, bias=False,
+                                         kernel_size=config.patch_size, stride=config.patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.position_embedding = nn.Embedding(config.grid_size**2 + 1, config.hidden_size)
 
     def forward(self, pixel_values):
-        patches = self.patch_embedding(pixel_values)  # (N, C, 24, 24): one vector per 14 x 14 patch
+        patches = self.patch_embedding(pixel_values)  # (N, C, 24, 24): a vector per 14 x 14 patch
         patches = patches.flatten(2).transpose(1, 2)  # (N, 576, C), row by row from the top left
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, C)
         tokens = torch.cat([cls, patches], dim=1)  # (N, 577, C)
@@ -299,8 +312,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         N, T, C = x.shape
-        q, k, v = (proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (N, H, T, D)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # every patch sees every patch
+        q, k, v = (proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (N, H, T, D)
+        # Every patch sees every patch: no mask.
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
 
 
@@ -332,15 +347,17 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.embeddings = CLIPEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: the checkpoint's spelling
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
-        # Unused by LLaVA (it reads a hidden state before the end), but in the checkpoint: loaded, never run.
+        # "layrnorm" (sic): the checkpoint's spelling.
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        layers = (CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layers)
+        # Unused by LLaVA (it reads a hidden state before the end), but in the checkpoint: loaded.
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values, feature_layer):
-        """Hidden state number `feature_layer` of [embeddings, layer 0 output, ..., last layer output]."""
+        """Hidden state `feature_layer` of [embeddings, layer 0's output, ..., the last's]."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        layers_to_run = feature_layer % (len(self.layers) + 1)  # -2 with 24 layers: run 23, skip the last
+        layers_to_run = feature_layer % (len(self.layers) + 1)  # -2 of 24 layers: run 23
         for layer in self.layers[:layers_to_run]:
             x = layer(x)
         return x  # (N, 577, C)
@@ -358,74 +375,106 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
 
 
-# ----------------------------------------------------------------------------------------------------
-# The KV cache: what generation keeps of earlier tokens, so each new token costs one row, not the prompt.
+TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA's one CLIP tower; Video-LLaVA's two
+
+
+# ------------------------------------------------------------------------------------------------
+# The KV cache: what generation keeps of earlier tokens, so a new token costs one row, not the
+# prompt. One cache for the eager and the compiled path: buffers allocated once and written in place.
 
 
 class KVCache:
-    """Keys and values (B, H_kv, S, D) of every token seen so far, per layer, and their padding masks. After FastV
-    pruned at layer K, layers >= K hold fewer tokens: one mask covers all tokens (layers < K), one the kept ones."""
+    """Per decoder layer, keys[i] and values[i]: (B, H_kv, capacity, D), allocated once, empty.
 
-    def __init__(self, num_layers):
-        self.keys = [None] * num_layers
-        self.values = [None] * num_layers
-        self.attention_mask = None  # (B, S): 1 for real tokens, 0 for left padding
-        self.pruned_at = None  # FastV's K once the prompt was pruned
-        self.pruned_attention_mask = None  # (B, S_kept): the tokens that layers >= K hold
-        self.kept_image_tokens = None  # (B, num_keep): which image tokens survived, sorted (patch = index % 576)
+    The prefill writes the prompt's keys and values into slots 0, 1, ...; each decode step writes
+    one more slot. FastV makes two groups of layers: layers < K hold every prompt token, layers
+    >= K only the kept ones, so they have fewer slots (and smaller buffers). A slot is therefore
+    NOT a position: after FastV, slot 40 of layer K may hold the token at position 300, and a
+    token's rotary angle comes from its position, which FastV never renumbers. Per group g:
+      valid[g]: (B, capacity) bool, True where a slot holds a real token (not padding, not empty);
+      length[g]: (1,) long, the slots written, which is where the next token goes.
+    next_position: (B,) long, the next token's position among the real tokens (its RoPE angle).
+    kept_image_tokens: (B, num_keep) which visual tokens FastV kept, sorted; None without FastV.
+    Every tensor is changed in place, so a compiled decode step sees the same shapes and addresses.
+    """
 
-    def extend_mask(self, new_mask):
-        past = self.attention_mask
-        self.attention_mask = new_mask if past is None else torch.cat([past, new_mask], dim=1)
-        return self.attention_mask
+    def __init__(self, config: TextConfig, batch_size, capacities, first_pruned_layer, device,
+                 dtype):
+        """capacities: (slots of layers < first_pruned_layer, slots of the layers from it on)."""
+        self.first_pruned_layer = first_pruned_layer  # FastV's K; num_hidden_layers without FastV
+        shape = (batch_size, config.num_key_value_heads, None, config.head_dim)
+        # Zeros, not empty memory: an empty slot is masked out, but 0 x NaN would still be NaN.
+        self.keys, self.values = [], []
+        for layer in range(config.num_hidden_layers):
+            capacity = capacities[self.group(layer)]
+            self.keys.append(torch.zeros(*shape[:2], capacity, shape[3], device=device, dtype=dtype))
+            self.values.append(torch.zeros_like(self.keys[-1]))
+        self.valid = [torch.zeros(batch_size, c, dtype=torch.bool, device=device) for c in capacities]
+        self.length = [torch.zeros(1, dtype=torch.long, device=device) for _ in capacities]
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.kept_image_tokens = None
+        self.prefilled = False
 
-    def extend_pruned_mask(self, new_mask):
-        self.pruned_attention_mask = torch.cat([self.pruned_attention_mask, new_mask], dim=1)
-        return self.pruned_attention_mask
-
-    def record_pruning(self, layer, kept_mask, kept_image_tokens):
-        self.pruned_at, self.pruned_attention_mask, self.kept_image_tokens = layer, kept_mask, kept_image_tokens
+    def group(self, layer_index):
+        return int(layer_index >= self.first_pruned_layer)  # 0: every token; 1: FastV's kept ones
 
     def update(self, layer_index, k, v):
-        if self.keys[layer_index] is not None:
-            k = torch.cat([self.keys[layer_index], k], dim=2)
-            v = torch.cat([self.values[layer_index], v], dim=2)
-        self.keys[layer_index], self.values[layer_index] = k, v
-        return k, v
+        """Prefill: the prompt's keys and values (B, H_kv, T, D) go to slots 0 .. T-1 and come back
+        as they are. Decode: the new token's go to slot length[g]; every slot comes back."""
+        keys, values = self.keys[layer_index], self.values[layer_index]
+        if not self.prefilled:
+            keys[:, :, : k.shape[2]], values[:, :, : v.shape[2]] = k, v
+            return k, v
+        slot = self.length[self.group(layer_index)]
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        return keys, values  # (B, H_kv, capacity, D): `valid` masks what is not a real token
+
+    def finish_prefill(self, key_masks, kept_image_tokens):
+        """After the prefill: which slots hold real tokens, per group ((B, T) and (B, T_kept))."""
+        for valid, length, mask in zip(self.valid, self.length, key_masks):
+            valid.zero_()
+            valid[:, : mask.shape[1]] = mask.bool()
+            length.fill_(mask.shape[1])
+        self.next_position.copy_(key_masks[0].sum(dim=1))  # real tokens so far = the next position
+        self.kept_image_tokens = kept_image_tokens
+        self.prefilled = True
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-# ----------------------------------------------------------------------------------------------------
-# FastV: its settings, what a pruning rule gets to see, and FastV's own rule. The pruning step itself
-# sits inline in Llava.forward, where the decoder loop reaches layer K.
+# ------------------------------------------------------------------------------------------------
+# FastV: its settings, what a pruning rule gets to see, and FastV's own rule. The pruning step
+# itself sits inline in Llava.forward, where the decoder loop reaches layer K.
 
 
 def attention_rows(queries, keys, key_mask, num_rows=1):
-    """Softmax attention of the last `num_rows` queries over every key, per head: (B, H, num_rows, S), float32.
+    """Softmax attention of the last `num_rows` queries over every key, per head:
+    (B, H, num_rows, S), float32.
 
-    The attention weights SDPA computes inside and never returns, for just the rows we need: FastV reads
-    one (the last token's), the analysis the answer tokens'. Causal and padding masks as in the model.
+    The attention weights SDPA computes inside and never returns, for just the rows we need:
+    FastV reads one (the last token's), the analysis the answer tokens'. Masks as in the model.
     """
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, S, D): GQA shares keys
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, S, D): GQA
     scale = queries.shape[-1] ** -0.5
-    scores = (queries[:, :, -num_rows:].float() @ keys.float().transpose(-1, -2)) * scale  # (B, H, num_rows, S)
-    scores = scores.masked_fill(~visible_keys(key_mask, num_rows), float("-inf"))  # never the future or padding
+    scores = queries[:, :, -num_rows:].float() @ keys.float().transpose(-1, -2) * scale
+    scores = scores.masked_fill(~visible_keys(key_mask, num_rows), float("-inf"))  # (B, H, n, S)
     return scores.softmax(dim=-1)
 
 
 @dataclass
 class PruningInputs:
-    """Everything a pruning rule may look at, at the start of decoder layer K (B batch, T tokens, N image tokens)."""
+    """Everything a pruning rule may look at, at the start of decoder layer K (B batch, T tokens,
+    N visual tokens: images and videos pooled, called image tokens here as in the paper)."""
 
-    last_token_attention: torch.Tensor  # (B, H, T) float32: the last token's softmax row in layer K-1, per head
-    image_positions: torch.Tensor  # (B, N): where the image tokens sit in the sequence, images and videos pooled
-    num_keep: int  # how many of the N image tokens to keep: round(N * (1 - R))
-    grid_size: int  # each image or frame is a grid_size x grid_size grid of patches (24 for LLaVA-1.5)
+    last_token_attention: torch.Tensor  # (B, H, T) float32: the last token's row in layer K-1
+    image_positions: torch.Tensor  # (B, N): where the visual tokens sit in the sequence
+    num_keep: int  # how many of the N visual tokens to keep: round(N * (1 - R))
+    grid_size: int  # an image or frame is a grid_size x grid_size grid of patches (24: LLaVA-1.5)
     is_video: torch.Tensor  # (B, N) bool: a video frame's token (Video-LLaVA), not an image's
-    frame: torch.Tensor  # (B, N): which image, or which video frame (counted over all videos), the token shows
-    patch: torch.Tensor  # (B, N): its patch, row by row: row = patch // grid_size; -1 for a CLS token
+    frame: torch.Tensor  # (B, N): which image, or which video frame (over all videos) it shows
+    patch: torch.Tensor  # (B, N): its patch, row by row (row = patch // grid_size); -1: a CLS
     hidden_states: torch.Tensor  # (B, T, C): the input of layer K
     queries: torch.Tensor  # (B, H, T, D): layer K-1's queries, after RoPE
     keys: torch.Tensor  # (B, H_kv, T, D): layer K-1's keys, after RoPE
@@ -435,7 +484,7 @@ class PruningInputs:
 
     @property
     def queries_without_rope(self):
-        return apply_rope(self.queries, self.cos, -self.sin)  # turning back by the same angle undoes RoPE
+        return apply_rope(self.queries, self.cos, -self.sin)  # turning back by the angle undoes it
 
     @property
     def keys_without_rope(self):
@@ -454,70 +503,95 @@ def fastv_rule(inputs: PruningInputs):
 
 @dataclass
 class FastV:
-    """FastV settings: at decoder layer k, drop the share r of image tokens that layer k-1 attended to least."""
+    """At decoder layer k, drop the share r of image tokens that layer k-1 attended to least."""
 
-    k: int = 2  # layers 0 .. k-1 see every token; layers k .. see the kept ones (paper: K=2)
-    r: float = 0.5  # share of image tokens dropped (paper: 50%); r=0 scores but keeps everything
-    rule: object = fastv_rule  # a function PruningInputs -> (B, num_keep) indices: the homework knob
+    k: int = 2  # layers 0 .. k-1 see every token; layers k .. the kept ones (paper: K=2)
+    r: float = 0.5  # share of image tokens dropped (paper: 50%); r=0 scores but keeps all
+    rule: object = fastv_rule  # PruningInputs -> (B, num_keep) indices: the homework knob
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0 <= self.r < 1:
-            raise SettingsError(f"FastV's r is the share of image tokens to drop and must be in [0, 1), got {self.r}.")
+            raise SettingsError("FastV's r is the share of image tokens to drop and must be in "
+                                f"[0, 1), got {self.r}.")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise SettingsError(f"FastV's k is the first pruned layer and must be an integer >= 1, got {self.k}.")
+            raise SettingsError("FastV's k is the first pruned layer and must be an integer >= 1, "
+                                f"got {self.k}.")
+
+    def num_keep(self, num_visual):
+        return round(num_visual * (1 - self.r))
 
 
 def visual_layout(visual_ids, config: LlavaConfig):
-    """For the image tokens (B, N) of a prompt, in order: is_video, frame and patch, as PruningInputs has them.
-    Images and frames are counted apart; a frame's CLS token (patch -1) comes first, as does a "full" image's."""
-    is_video = visual_ids != config.image_token_id  # (B, N): the only other visual token is <video>
-    rank = torch.where(is_video, is_video.cumsum(1), (~is_video).cumsum(1)) - 1  # index among its kind's tokens
+    """For the visual tokens (B, N) of a prompt, in order: is_video, frame and patch, as
+    PruningInputs has them. Images and frames are counted apart; a frame's CLS token (patch -1)
+    comes first, as does a "full" image's."""
+    is_video = visual_ids != config.image_token_id  # (B, N): the only other visual token: <video>
+    rank = torch.where(is_video, is_video.cumsum(1), (~is_video).cumsum(1)) - 1  # among its kind
     per_item = torch.where(is_video, config.vision.grid_size**2 + 1, config.image_tokens_per_image)
     has_cls = torch.where(is_video, 1, int(config.vision_feature_select_strategy == "full"))
     return is_video, rank // per_item, rank % per_item - has_cls
 
 
 def first_true(mask, count):
-    """Indices (B, count) of the first `count` True entries of each row of `mask` (B, T), in order: nonzero()
-    without making the host wait for the GPU to count them. A stable sort moves them to the front, in order."""
+    """Indices (B, count) of the first `count` True entries of each row of `mask` (B, T), in
+    order: nonzero() without making the host wait for the GPU to count. A stable sort moves them
+    to the front, in order."""
     return mask.long().argsort(dim=1, descending=True, stable=True)[:, :count]
 
 
-def check_kept(keep, batch_size, num_image_tokens, num_keep, check_values=True):
-    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so clearly if not.
+def check_kept(keep, batch_size, num_visual, num_keep, check_values=True):
+    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so if not.
     Checking the values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
     if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
         shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-        raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of indices, got {shape}.")
+        raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of "
+                            f"indices, got {shape}.")
     ordered = keep.sort(dim=-1).values if check_values and keep.numel() else None
-    if ordered is not None and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_image_tokens or (ordered.diff(dim=-1) == 0).any()):
-        raise SettingsError(f"The pruning rule must return distinct image-token indices in [0, {num_image_tokens}).")
+    if ordered is not None and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_visual
+                                or (ordered.diff(dim=-1) == 0).any()):
+        raise SettingsError("The pruning rule must return distinct image-token indices in "
+                            f"[0, {num_visual}).")
     return keep.long()
 
 
 def check_shape(name, tensor, expected):
-    """A ValueError naming the argument unless tensor.shape is `expected` (None: any size there)."""
-    if tensor.ndim != len(expected) or any(size not in (None, got) for size, got in zip(expected, tensor.shape)):
-        raise ValueError(f"{name} must have shape {tuple('N' if s is None else s for s in expected)}, got {tuple(tensor.shape)}.")
+    """A ValueError naming the argument unless tensor.shape is `expected` (None: any size)."""
+    if tensor.ndim != len(expected) or any(
+            size not in (None, got) for size, got in zip(expected, tensor.shape)):
+        expected = tuple("N" if size is None else size for size in expected)
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}.")
 
 
-# ----------------------------------------------------------------------------------------------------
-# LLaVA: image features replace the <image> placeholders, then the decoder runs. generate() and stream()
-# come from GenerationMixin (generation.py): the prefill once, then one token at a time.
+@dataclass
+class LayerView:
+    """What `observe` receives after each decoder layer of a prefill: the one documented way to
+    look inside the model (the analysis, the bench and the figures use it)."""
+
+    index: int  # the decoder layer
+    queries: torch.Tensor  # (B, H, T, D): its queries, after RoPE (T shrinks from FastV's K on)
+    keys: torch.Tensor  # (B, H_kv, T, D): its keys, after RoPE
+    positions: torch.Tensor  # (B, T): each token's original position (FastV never renumbers)
+    attention_mask: torch.Tensor  # (B, T): 1 for real tokens, 0 for left padding
 
 
-class Llava(GenerationMixin, nn.Module):
+# ------------------------------------------------------------------------------------------------
+# LLaVA: image features replace the <image> placeholders, then the decoder runs: the prefill
+# (forward, FastV inline) once, then decode_step one token at a time. generation.py drives them.
+
+
+class Llava(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
         if config.video_token_id is None:  # LLaVA: one CLIP tower
             self.vision_tower = CLIPVisionTower(config.vision)
         else:  # Video-LLaVA: two towers of one shape, one for images and one for video frames
-            self.image_tower, self.video_tower = CLIPVisionTower(config.vision), CLIPVisionTower(config.vision)
+            self.image_tower = CLIPVisionTower(config.vision)
+            self.video_tower = CLIPVisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        # RoPE tables: computed by init_rope() once real memory exists (they are not in the checkpoint).
+        # RoPE tables: made by init_rope() once real memory exists (they are not in the checkpoint).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -528,9 +602,6 @@ class Llava(GenerationMixin, nn.Module):
         """cos and sin (B, 1, T, D) for token positions (B, T): rows of the float32 tables, cast."""
         return self.rope_cos[positions].to(dtype)[:, None], self.rope_sin[positions].to(dtype)[:, None]
 
-    def new_cache(self):
-        return KVCache(len(self.language_model.layers))
-
     @property
     def device(self):
         return self.lm_head.weight.device
@@ -539,112 +610,168 @@ class Llava(GenerationMixin, nn.Module):
     def dtype(self):
         return self.lm_head.weight.dtype
 
+    def towers(self):
+        """The loaded CLIP towers: LLaVA's one, Video-LLaVA's two (or the one it was loaded with)."""
+        return [tower for name in TOWERS if (tower := getattr(self, name, None)) is not None]
+
+    def cache_shape(self, input_ids, fastv=None, room=0, bucket=1):
+        """(B, capacities, K) of a KVCache for the prefill of input_ids (B, T) and `room` tokens
+        after it; capacities round up to a multiple of `bucket` (see compiled.py)."""
+        num_visual = int(self.config.is_visual(input_ids[0]).sum())
+        prunes = fastv is not None and num_visual > 0
+        num_tokens = input_ids.shape[1]
+        kept = num_tokens - num_visual + fastv.num_keep(num_visual) if prunes else num_tokens
+        capacities = tuple(-(-(tokens + room) // bucket) * bucket for tokens in (num_tokens, kept))
+        return input_ids.shape[0], capacities, fastv.k if prunes else len(self.language_model.layers)
+
+    def new_cache(self, input_ids, fastv=None, room=0):
+        """An empty KVCache for a prefill of input_ids with `fastv`, and `room` tokens after it."""
+        shape = self.cache_shape(input_ids, fastv, room)
+        return KVCache(self.config.text, *shape, self.device, self.dtype)
+
     def tower_features(self, tower, pixels, keep_cls):
-        """(N, 3, S, S) pixels through a CLIP tower and the projector: (N, S/14 * S/14 [+ CLS], hidden) decoder inputs."""
+        """(N, 3, S, S) pixels through a CLIP tower and the projector: (N, (S/14)^2 [+ CLS], C)."""
         if tower is None:
-            raise SettingsError("The model was loaded without the tower these pixels need: load it with towers=('image', 'video').")
-        hidden = tower(pixels.to(self.device, self.dtype), self.config.vision_feature_layer)  # (N, 577, C)
-        return self.multi_modal_projector(hidden if keep_cls else hidden[:, 1:])  # CLS is token 0
+            raise SettingsError("The model was loaded without the tower these pixels need: load "
+                                "it with towers=('image', 'video').")
+        hidden = tower(pixels.to(self.device, self.dtype), self.config.vision_feature_layer)
+        return self.multi_modal_projector(hidden if keep_cls else hidden[:, 1:])  # CLS: token 0
 
     def image_features(self, pixel_values):
-        """(N, 3, 336, 336) pixels -> (N, 576, hidden) decoder inputs, one row per image patch."""
+        """(N, 3, 336, 336) pixels -> (N, 576, C) decoder inputs, one row per image patch."""
         size = self.config.vision.image_size
         check_shape("pixel_values", pixel_values, (None, self.config.vision.num_channels, size, size))
         tower = self.vision_tower if self.config.video_token_id is None else self.image_tower
-        return self.tower_features(tower, pixel_values, keep_cls=self.config.vision_feature_select_strategy == "full")
+        keep_cls = self.config.vision_feature_select_strategy == "full"
+        return self.tower_features(tower, pixel_values, keep_cls)
 
     def video_features(self, pixel_values_videos):
-        """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, hidden): each frame's CLS token, then its patches."""
-        vision = self.config.vision
+        """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, C): each frame's CLS token, then its patches."""
+        size, channels = self.config.vision.image_size, self.config.vision.num_channels
         check_shape("pixel_values_videos", pixel_values_videos,
-                    (None, self.config.num_frames, vision.num_channels, vision.image_size, vision.image_size))
-        frames = self.tower_features(self.video_tower, pixel_values_videos.flatten(0, 1), keep_cls=True)  # (V * 8, 257, hid.)
+                    (None, self.config.num_frames, channels, size, size))
+        frames = self.tower_features(self.video_tower, pixel_values_videos.flatten(0, 1),
+                                     keep_cls=True)  # (V * 8, 257, C)
         return frames.reshape(pixel_values_videos.shape[0], -1, frames.shape[-1])
 
     def embed(self, input_ids, pixel_values=None, pixel_values_videos=None):
-        """Token embeddings with the image and video features written over their placeholders, in order."""
-        embeds = self.language_model.embed_tokens(input_ids)  # (B, T, hidden)
+        """Token embeddings with the image and video features written over their placeholders."""
+        config = self.config
+        embeds = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         for kind, token_id, pixels, features, per_item in (
-                ("image", self.config.image_token_id, pixel_values, self.image_features, self.config.image_tokens_per_image),
-                ("video", self.config.video_token_id, pixel_values_videos, self.video_features, self.config.tokens_per_video)):
+                ("image", config.image_token_id, pixel_values, self.image_features,
+                 config.image_tokens_per_image),
+                ("video", config.video_token_id, pixel_values_videos, self.video_features,
+                 config.tokens_per_video)):
             if token_id is None:  # LLaVA has no <video>
                 if pixels is not None:
-                    raise ValueError("This model has no video tower: pixel_values_videos needs a Video-LLaVA checkpoint.")
+                    raise ValueError("This model has no video tower: pixel_values_videos needs a "
+                                     "Video-LLaVA checkpoint.")
                 continue
             is_placeholder = input_ids == token_id
-            num_placeholders, num_items = int(is_placeholder.sum()), 0 if pixels is None else pixels.shape[0]
+            num_placeholders = int(is_placeholder.sum())
+            num_items = 0 if pixels is None else pixels.shape[0]
             if num_placeholders != num_items * per_item:
-                raise ValueError(f"The prompt holds {num_placeholders} <{kind}> tokens but {num_items} {kind}(s) need "
-                                 f"{num_items * per_item} ({per_item} per {kind}): one <{kind}> id per feature.")
+                raise ValueError(f"The prompt holds {num_placeholders} <{kind}> tokens but "
+                                 f"{num_items} {kind}(s) need {num_items * per_item} ({per_item} "
+                                 f"per {kind}): one <{kind}> id per feature.")
             if num_items:
-                features_in_order = features(pixels).reshape(-1, embeds.shape[-1])  # (items x per_item, hidden)
-                embeds = embeds.masked_scatter(is_placeholder[..., None], features_in_order.to(embeds.dtype))
+                in_order = features(pixels).reshape(-1, embeds.shape[-1])  # (items x per_item, C)
+                embeds = embeds.masked_scatter(is_placeholder[..., None], in_order.to(embeds.dtype))
         return embeds
 
-    def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
-                fastv=None, last_logits_only=False):
-        """Logits for `input_ids` (B, T); left padding is marked 0 in `attention_mask`. With a `cache` (KVCache)
-        input_ids holds only the new tokens. With `fastv` (FastV), image tokens are dropped at layer K and the
-        logits cover the kept tokens: (B, T_kept, vocab). Video tokens are ranked with them, in one pool."""
+    def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
+                cache=None, fastv=None, last_logits_only=False, observe=None):
+        """The prefill: logits for input_ids (B, T), left padding marked 0 in attention_mask.
+
+        With `fastv` (FastV), visual tokens are dropped at layer K and the logits cover the kept
+        tokens: (B, T_kept, vocab). With `cache` (an empty KVCache from new_cache), every layer's
+        keys and values are stored for decode_step. `observe` gets a LayerView after each layer."""
         B, T = input_ids.shape
-        device = self.device
-        # Counted where the caller holds the ids (the host, usually), so FastV never waits for the GPU.
-        image_counts = self.config.is_visual(input_ids).sum(dim=1).tolist() if fastv is not None else [0]  # (B,)
+        config, device = self.config, self.device
+        # Counted where the caller holds the ids (the host, usually): FastV never waits for the GPU.
+        visual_counts = [0] if fastv is None else config.is_visual(input_ids).sum(dim=1).tolist()
         input_ids = input_ids.to(device)
-        new_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-        if new_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(new_mask.shape)} but input_ids has {tuple(input_ids.shape)}.")
+        key_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        key_mask = key_mask.to(device).long()  # (B, T): 1 for real tokens, 0 for left padding
+        if key_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(key_mask.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}.")
+        if T > config.text.max_position_embeddings:
+            raise ValueError(f"The sequence has {T} tokens but the model's context is "
+                             f"{config.text.max_position_embeddings} tokens.")
         if fastv is not None and not fastv.k < len(self.language_model.layers):
-            raise SettingsError(f"FastV's k must be between 1 and {len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
-        key_mask = new_mask if cache is None else cache.extend_mask(new_mask)  # (B, S): every token so far
-        if key_mask.shape[1] > self.config.text.max_position_embeddings:
-            raise ValueError(f"The sequence has {key_mask.shape[1]} tokens but the model's context is "
-                             f"{self.config.text.max_position_embeddings} tokens.")
-        # Each token's position among the real (unpadded) tokens; padding gets 0. FastV never changes it.
-        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-        x = self.embed(input_ids, pixel_values, pixel_values_videos)
+            raise SettingsError("FastV's k must be between 1 and "
+                                f"{len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
+        prunes = fastv is not None and visual_counts[0] > 0
+        if prunes and len(set(visual_counts)) > 1:
+            raise SettingsError("FastV needs the same number of image tokens in every prompt of a "
+                                f"batch, got {visual_counts}.")
+        if cache is not None and cache.prefilled:
+            raise SettingsError("This KVCache holds a prefill already: make a new one.")
+        # Each token's position among the real (unpadded) tokens; padding gets 0. FastV keeps it.
+        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        x = self.embed(input_ids, pixel_values, pixel_values_videos)  # (B, T, C)
         cos, sin = self.rope(positions, x.dtype)
         mask = causal_padding_mask(key_mask, T)
-        prune_now = fastv is not None and image_counts[0] > 0
-        if prune_now and key_mask.shape[1] != T:
-            raise SettingsError("FastV prunes the prompt once, at prefill: pass fastv only with an empty cache.")
-        if prune_now and len(set(image_counts)) > 1:
-            raise SettingsError(f"FastV needs the same number of image tokens in every prompt of a batch, got {image_counts}.")
+        key_masks, kept_image_tokens = [key_mask], None  # per group of the cache's layers
+        previous_queries = previous_keys = None  # the last layer's, after RoPE: FastV scores them
 
         for index, layer in enumerate(self.language_model.layers):
-            if cache is not None and index == cache.pruned_at:  # decoding after FastV: fewer tokens cached here
-                mask = causal_padding_mask(cache.extend_pruned_mask(new_mask), T)
-            if prune_now and index == fastv.k:
+            if prunes and index == fastv.k:
                 # ===================================== FastV =====================================
-                # Rank the image tokens by the attention the LAST token paid them in layer K-1
-                # (`queries`, `keys` are that layer's), keep the top (1 - R), drop the rest.
-                is_image = self.config.is_visual(input_ids)  # (B, T): image and video tokens
-                num_image_tokens = image_counts[0]
-                num_keep = round(num_image_tokens * (1 - fastv.r))
-                image_positions = first_true(is_image, num_image_tokens)  # (B, N), in sequence order
-                is_video, frame, patch = visual_layout(input_ids.gather(1, image_positions), self.config)
+                # Rank the visual tokens by the attention the LAST token paid them in layer K-1
+                # (previous_queries and previous_keys are that layer's), keep the top (1 - R).
+                is_visual = config.is_visual(input_ids)  # (B, T): image and video tokens
+                num_visual, num_keep = visual_counts[0], fastv.num_keep(visual_counts[0])
+                visual_positions = first_true(is_visual, num_visual)  # (B, N), in sequence order
+                visual_ids = input_ids.gather(1, visual_positions)
+                is_video, frame, patch = visual_layout(visual_ids, config)
+                last_row = attention_rows(previous_queries, previous_keys, key_mask)[:, :, -1]
                 inputs = PruningInputs(
-                    last_token_attention=attention_rows(queries, keys, key_mask)[:, :, -1],  # (B, H, T)
-                    image_positions=image_positions, num_keep=num_keep, grid_size=self.config.vision.grid_size,
-                    is_video=is_video, frame=frame, patch=patch, hidden_states=x,
-                    queries=queries, keys=keys, cos=cos, sin=sin, attention_mask=key_mask,
-                )
-                keep_image = check_kept(fastv.rule(inputs), B, num_image_tokens, num_keep,
-                                        check_values=fastv.rule is not fastv_rule)  # (B, num_keep)
-                # Every text token stays; so do the chosen image tokens, in sequence order.
-                is_kept = ~is_image
-                is_kept.scatter_(1, image_positions.gather(1, keep_image), True)
-                keep_indices = first_true(is_kept, T - num_image_tokens + num_keep)  # (B, T_kept)
-                x = x[torch.arange(B, device=device)[:, None], keep_indices]  # (B, T_kept, C): the survivors
-                positions = positions.gather(1, keep_indices)  # their ORIGINAL positions: never renumbered
+                    last_token_attention=last_row,  # (B, H, T)
+                    image_positions=visual_positions, num_keep=num_keep,
+                    grid_size=config.vision.grid_size, is_video=is_video, frame=frame, patch=patch,
+                    hidden_states=x, queries=previous_queries, keys=previous_keys, cos=cos, sin=sin,
+                    attention_mask=key_mask)
+                kept_visual = check_kept(fastv.rule(inputs), B, num_visual, num_keep,
+                                         check_values=fastv.rule is not fastv_rule)  # (B, num_keep)
+                # Every text token survives; so do the chosen visual tokens, in sequence order.
+                survives = ~is_visual
+                survives.scatter_(1, visual_positions.gather(1, kept_visual), True)
+                survivors = first_true(survives, T - num_visual + num_keep)  # (B, T_kept)
+                x = x[torch.arange(B, device=device)[:, None], survivors]  # (B, T_kept, C)
+                positions = positions.gather(1, survivors)  # their ORIGINAL positions
                 cos, sin = self.rope(positions, x.dtype)
-                kept_mask = key_mask.gather(1, keep_indices)  # (B, T_kept)
-                mask = None if mask is None else visible_keys(kept_mask, keep_indices.shape[1])  # no padding: none kept
-                if cache is not None:  # generation: later tokens attend to the kept tokens only
-                    cache.record_pruning(fastv.k, kept_mask, keep_image.sort(dim=-1).values)
+                key_mask = key_mask.gather(1, survivors)  # (B, T_kept)
+                mask = None if mask is None else visible_keys(key_mask, survivors.shape[1])
+                key_masks.append(key_mask)
+                kept_image_tokens = kept_visual.sort(dim=-1).values
                 # ==================================================================================
-            x, (queries, keys) = layer(x, cos, sin, mask, cache, index)
+            x, (previous_queries, previous_keys) = layer(x, cos, sin, mask, cache, index)
+            if observe is not None:
+                observe(LayerView(index, previous_queries, previous_keys, positions, key_mask))
 
+        if cache is not None:
+            cache.finish_prefill(key_masks, kept_image_tokens)
         if last_logits_only:
             x = x[:, -1:]
         return self.lm_head(self.language_model.norm(x))  # (B, T or T_kept, vocab)
+
+    def decode_step(self, token, cache):
+        """One new token per sequence (B,) after a prefill into `cache`: its logits (B, vocab).
+
+        Fixed shapes and no host synchronization, so that it compiles to one graph: every layer
+        attends over all its cache slots, masked by `valid`. The new token is real and sees itself.
+        """
+        for valid, length in zip(cache.valid, cache.length):
+            valid.index_fill_(1, length, True)
+        x = self.language_model.embed_tokens(token[:, None])  # (B, 1, C)
+        cos, sin = self.rope(cache.next_position[:, None], x.dtype)  # (B, 1, 1, D)
+        masks = [valid[:, None, None, :] for valid in cache.valid]  # (B, 1, 1, capacity) a group
+        for index, layer in enumerate(self.language_model.layers):
+            x, _ = layer(x, cos, sin, masks[cache.group(index)], cache, index)
+        for length in cache.length:
+            length.add_(1)
+        cache.next_position.add_(1)
+        return self.lm_head(self.language_model.norm(x))[:, -1]  # (B, vocab)

@@ -20,6 +20,7 @@ import minifastv.checkpoint as checkpoint
 import minifastv.model as M
 from minifastv import __main__ as ask
 from minifastv import analyze, bench, cli
+from minifastv.generation import generate
 from minifastv.flops import __main__ as flops
 from minifastv.image import ImageProcessorConfig, load_image, preprocess
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
@@ -46,7 +47,7 @@ def expected_answer(folder, fastv, prompt="Describe this image.", images=(cli.DE
     tokenizer = Tokenizer.from_folder(folder)
     pixels = preprocess([load_image(image) for image in images], ImageProcessorConfig.from_folder(folder))
     ids = encode_prompt(tokenizer, format_prompt(prompt, num_images=len(images)), model.config.image_tokens_per_image)
-    return tokenizer.decode(model.generate(ids, pixels, max_new_tokens=6, fastv=fastv)[0].tolist()).strip()
+    return tokenizer.decode(generate(model, ids, pixels, max_new_tokens=6, fastv=fastv)[0].tolist()).strip()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ def test_out_of_memory_gives_advice(checkpoint_folder, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(M.Llava, "stream", out_of_memory)
+    monkeypatch.setattr(M.Llava, "forward", out_of_memory)
     assert ask.command(["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "ran out of memory" in err and "--dtype float16" in err and "Traceback" not in err

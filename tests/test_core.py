@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from conftest import IMAGE_TOKEN, PAD_TOKEN, image_prompt, left_pad, random_pixels
 
-from minifastv import Sampling, load
+from minifastv import Sampling, generate, load
 
 TOKENS_PER_IMAGE = 36  # tiny config: 84 px images, 14 px patches -> 6 x 6 grid
 FP32_TOLERANCE = 1e-5
@@ -245,18 +245,18 @@ def greedy_without_cache(model, ids, px, steps, mask=None):
 def test_greedy_generate_one_image(ours, reference, one_image):
     ids, px = one_image
     # NO_EOS never occurs, so neither side stops early and all 20 tokens are compared.
-    tokens = ours.generate(ids, px, max_new_tokens=20, eos_token_id=NO_EOS)
+    tokens = generate(ours, ids, px, max_new_tokens=20, eos_token_id=NO_EOS)
     assert tokens.shape == (1, 20)
     assert torch.equal(tokens, hf_generate(reference, ids, px, max_new_tokens=20, eos_token_id=NO_EOS))
     assert torch.equal(tokens, greedy_without_cache(ours, ids, px, 20))
     # With the default EOS (2), both must still agree, EOS included if it comes.
-    default = ours.generate(ids, px, max_new_tokens=20)
+    default = generate(ours, ids, px, max_new_tokens=20)
     assert torch.equal(default, hf_generate(reference, ids, px, max_new_tokens=20))
 
 
 def test_greedy_generate_padded_batch(ours, reference, padded_batch):
     ids, mask, px, _ = padded_batch
-    tokens = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=NO_EOS)
+    tokens = generate(ours, ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=NO_EOS)
     assert tokens.shape == (2, 20)
     assert torch.equal(tokens, hf_generate(reference, ids, px, mask, max_new_tokens=20, eos_token_id=NO_EOS))
     assert torch.equal(tokens, greedy_without_cache(ours, ids, px, 20, mask))
@@ -265,17 +265,17 @@ def test_greedy_generate_padded_batch(ours, reference, padded_batch):
 
 def test_generate_stops_at_eos_and_pads_finished_rows(ours, reference, padded_batch):
     ids, mask, px, _ = padded_batch
-    free = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=NO_EOS)
+    free = generate(ours, ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=NO_EOS)
     # Make the 5th token of row 0 the EOS, provided row 1 does not produce it first.
     eos = int(free[0, 4])
     assert eos not in free[0, :4].tolist() and eos not in free[1].tolist()
-    tokens = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
+    tokens = generate(ours, ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
     assert torch.equal(tokens, hf_generate(reference, ids, px, mask, max_new_tokens=20, eos_token_id=eos))
     assert torch.equal(tokens[0, :5], free[0, :5])
     assert (tokens[0, 5:] == PAD_TOKEN).all()
     assert torch.equal(tokens[1], free[1])
     # A single sequence stops right after its EOS.
-    single = ours.generate(ids[:1], px[:1], max_new_tokens=20, eos_token_id=eos)
+    single = generate(ours, ids[:1], px[:1], max_new_tokens=20, eos_token_id=eos)
     assert torch.equal(single, free[:1, :5])
 
 
@@ -286,12 +286,12 @@ def test_sampling_is_reproducible_and_tiny_top_p_is_greedy(ours, one_image):
 
     def sample(seed, **kwargs):
         torch.manual_seed(next(global_seeds))  # a new global RNG state each call: only the seed may matter
-        return ours.generate(ids, px, max_new_tokens=20, eos_token_id=NO_EOS, sampling=Sampling(seed=seed, **kwargs))
+        return generate(ours, ids, px, max_new_tokens=20, eos_token_id=NO_EOS, sampling=Sampling(seed=seed, **kwargs))
 
     first = sample(0, temperature=1.0)
     assert torch.equal(first, sample(0, temperature=1.0))
     assert not torch.equal(first, sample(1, temperature=1.0))
-    greedy = ours.generate(ids, px, max_new_tokens=20, eos_token_id=NO_EOS)
+    greedy = generate(ours, ids, px, max_new_tokens=20, eos_token_id=NO_EOS)
     assert not torch.equal(first, greedy)  # a flat tiny model: sampling at temperature 1 wanders off
     assert torch.equal(sample(0, temperature=1.0, top_p=1e-6), greedy)
     assert torch.equal(sample(1, temperature=5.0, top_p=1e-6), greedy)
@@ -310,7 +310,7 @@ def test_image_count_mismatch(ours):
     with pytest.raises(ValueError, match=r"(?s)\b0\b.*\b36\b"):
         ours(image_prompt(0, TOKENS_PER_IMAGE), random_pixels(1))  # an image but no placeholders
     with pytest.raises(ValueError, match=r"(?s)\b36\b"):
-        ours.generate(ids, random_pixels(2), max_new_tokens=2)
+        generate(ours, ids, random_pixels(2), max_new_tokens=2)
 
 
 def test_wrong_pixel_size(ours):
@@ -326,11 +326,11 @@ def test_wrong_pixel_size(ours):
 def test_context_length(ours):
     ids = image_prompt(1, TOKENS_PER_IMAGE)  # 49 tokens; the tiny context is 512
     with pytest.raises(ValueError, match=r"(?s)context.*512"):
-        ours.generate(ids, random_pixels(1), max_new_tokens=512 - ids.shape[1] + 1)
+        generate(ours, ids, random_pixels(1), max_new_tokens=512 - ids.shape[1] + 1)
     with pytest.raises(ValueError, match=r"(?s)context.*512"):
         ours(torch.randint(3, 31000, (1, 513)))
     # Exactly filling the context is allowed.
     long = torch.randint(3, 31000, (1, 510), generator=torch.Generator().manual_seed(0))
-    assert ours.generate(long, max_new_tokens=2, eos_token_id=NO_EOS).shape == (1, 2)
+    assert generate(ours, long, max_new_tokens=2, eos_token_id=NO_EOS).shape == (1, 2)
     with pytest.raises(ValueError, match=r"context"):
-        ours.generate(long, max_new_tokens=3)
+        generate(ours, long, max_new_tokens=3)

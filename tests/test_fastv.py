@@ -89,7 +89,7 @@ CASES = [  # (k, r, images per prompt, batch size)
 def test_fastv_matches_reference(ours, hf_eager, hf_sdpa, k, r, num_images, batch_size):
     ids, mask, pixels = make_case(num_images, batch_size)
     expected_logits, expected_kept = reference_fastv(hf_eager, hf_sdpa, ids, mask, pixels, k, r)
-    cache = M.KVCache(len(ours.language_model.layers))
+    cache = ours.new_cache(ids, M.FastV(k, r))
     with torch.no_grad():
         logits = ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(k, r))
     num_images_tokens = num_images * TOKENS_PER_IMAGE
@@ -131,7 +131,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
     ids, mask, pixels = make_case(num_images, batch_size)
     fastv = M.FastV(2, 0.5)
     stats = minifastv.GenerationStats()
-    generated = ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
+    generated = minifastv.generate(ours, ids, pixels, attention_mask=mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
     assert generated.shape == (batch_size, 12)
     kept = stats.kept_image_tokens
     same_choice = M.FastV(2, 0.5, rule=lambda inputs: kept)
@@ -149,7 +149,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
 
 def test_pruned_cache_holds_only_kept_tokens(ours):
     ids, mask, pixels = make_case(1, 1)
-    full, pruned = M.KVCache(4), M.KVCache(4)
+    full, pruned = ours.new_cache(ids), ours.new_cache(ids, M.FastV(2, 0.5))
     with torch.no_grad():
         ours(ids, pixels, cache=full)
         ours(ids, pixels, cache=pruned, fastv=M.FastV(2, 0.5))
@@ -162,14 +162,14 @@ def test_pruned_cache_holds_only_kept_tokens(ours):
 def test_generation_stats(ours):
     ids, mask, pixels = make_case(2, 1)
     stats = minifastv.GenerationStats()
-    ours.generate(ids, pixels, max_new_tokens=5, fastv=M.FastV(2, 0.75), stats=stats, eos_token_id=-1)
+    minifastv.generate(ours, ids, pixels, max_new_tokens=5, fastv=M.FastV(2, 0.75), stats=stats, eos_token_id=-1)
     assert (stats.k, stats.r) == (2, 0.75)
     assert stats.image_tokens == 2 * TOKENS_PER_IMAGE and stats.image_tokens_kept == round(72 * 0.25)
     assert stats.kept_image_tokens.shape == (1, stats.image_tokens_kept)
     assert stats.decode_tokens == 4 and stats.prefill_seconds > 0 and stats.decode_tokens_per_second > 0
     assert stats.kv_cache_bytes > 0 and stats.flops["exact"] < stats.flops["exact_unpruned"]
     plain = minifastv.GenerationStats()
-    ours.generate(ids, pixels, max_new_tokens=5, stats=plain, eos_token_id=-1)
+    minifastv.generate(ours, ids, pixels, max_new_tokens=5, stats=plain, eos_token_id=-1)
     assert plain.k is None and plain.image_tokens_kept == plain.image_tokens
     assert stats.kv_cache_bytes < plain.kv_cache_bytes
 
@@ -178,7 +178,7 @@ def test_generation_stats(ours):
 @pytest.mark.parametrize("r", [0.25, 0.5, 0.9])
 def test_rules_keep_the_requested_number(ours, rule, r):
     ids, mask, pixels = make_case(2, 2)
-    cache = M.KVCache(4)
+    cache = ours.new_cache(ids, M.FastV(2, r))
     with torch.no_grad():
         ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=rule))
     kept = cache.kept_image_tokens
@@ -283,7 +283,7 @@ def test_grouped_query_attention_matches_reference(tmp_path):
     real = mask.bool()
     assert (logits[real] - expected[real]).abs().max().item() < 1e-5
     expected_last, expected_kept = reference_fastv(eager, sdpa, ids, mask, pixels, 2, 0.5)
-    cache = M.KVCache(4)
+    cache = gqa.new_cache(ids, M.FastV(2, 0.5))
     with torch.no_grad():
         pruned = gqa(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, 0.5))
     assert torch.equal(cache.kept_image_tokens, expected_kept)

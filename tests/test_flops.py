@@ -7,6 +7,7 @@ import torch
 
 import minifastv
 import minifastv.model as M
+from minifastv import generate
 from minifastv.checkpoint import config_by_name, read_config
 from minifastv.flops import exact_prefill_flops, paper_flops, prefill_flops_report
 
@@ -127,6 +128,6 @@ def test_kv_cache_bytes_equal_the_cache(hub_checkpoint, fastv):
     model = minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float16, progress=False)
     ids = image_prompt(2, 36)
     stats = minifastv.GenerationStats()
-    model.generate(ids, random_pixels(2), max_new_tokens=1, fastv=fastv, stats=stats)  # the prompt's cache only
+    generate(model, ids, random_pixels(2), max_new_tokens=1, fastv=fastv, stats=stats)  # the prompt's cache only
     k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
     assert kv_cache_bytes(model.config, ids.shape[1], 72, k, r) == stats.kv_cache_bytes

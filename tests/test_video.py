@@ -18,6 +18,7 @@ from PIL import Image, ImageSequence
 
 import minifastv
 import minifastv.model as M
+from minifastv import generate
 from minifastv import __main__ as ask
 from minifastv import analyze, cli
 from minifastv.checkpoint import file_name, read_config
@@ -158,7 +159,7 @@ def test_greedy_generate_equals_transformers(ours, hf_video):
         out = hf_video.generate(input_ids=ids, **hf_inputs(images, videos), do_sample=False, max_new_tokens=20,
                                 eos_token_id=NO_EOS, pad_token_id=PAD_TOKEN)
     expected = out[:, ids.shape[1]:]
-    assert torch.equal(ours.generate(ids, images, videos, max_new_tokens=20, eos_token_id=NO_EOS), expected)
+    assert torch.equal(generate(ours, ids, images, videos, max_new_tokens=20, eos_token_id=NO_EOS), expected)
 
 
 def test_video_features_keep_every_frames_cls(ours, hf_video):
@@ -234,7 +235,7 @@ def test_fastv_on_video_tokens_matches_the_official_way(ours, hf_eager, hf_video
     ids, mask = left_pad(rows, pad_id=PAD_TOKEN)
     images, videos = pixels(num_images * batch_size, batch_size, seed=k)
     expected_logits, expected_kept = reference_fastv(hf_eager, hf_video, ids, images, videos, mask, k, r)
-    cache = ours.new_cache()
+    cache = ours.new_cache(ids, M.FastV(k, r))
     with torch.no_grad():
         logits = ours(ids, images, videos, attention_mask=mask, cache=cache, fastv=M.FastV(k, r))
     assert torch.equal(cache.kept_image_tokens, expected_kept)
@@ -244,8 +245,8 @@ def test_fastv_on_video_tokens_matches_the_official_way(ours, hf_eager, hf_video
 def test_decoding_with_the_pruned_cache_equals_a_cache_free_loop(ours):
     ids, (images, videos) = prompt(1, 1), pixels(1, 1)
     fastv = M.FastV(2, 0.5)
-    generated = ours.generate(ids, images, videos, max_new_tokens=8, fastv=fastv, eos_token_id=-1)
-    cache = ours.new_cache()
+    generated = generate(ours, ids, images, videos, max_new_tokens=8, fastv=fastv, eos_token_id=-1)
+    cache = ours.new_cache(ids, fastv)
     with torch.no_grad():
         ours(ids, images, videos, cache=cache, fastv=fastv)
     chosen = cache.kept_image_tokens
