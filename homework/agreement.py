@@ -1,10 +1,10 @@
 """Exercise 4: does FastV change the answers? Agreement over a folder of images.
 
-    python homework/agreement.py --images my_photos/ --prompt "Describe this image." --k 2 --r 0.5
+    python homework/agreement.py --images FOLDER --prompt "Describe this image." --k 2 --r 0.5
 
-For every image of the folder (sorted by name) the script generates an answer without FastV and one with
-FastV, prints both, and reports how far the two lists of answers agree. The loading, the loop and the
-printing are written; you write `agreement`.
+For every image of the folder (sorted by name) the script generates an answer without FastV and one
+with FastV, prints both, and reports how far the two lists of answers agree. The loading, the loop
+and the printing are written; you write `agreement`.
 
 Check it:  python -m pytest homework/check_4_agreement.py
 """
@@ -14,7 +14,8 @@ import sys
 from collections import Counter  # noqa: F401  (you may want it)
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find minifastv in this repository
+# run as a script: find minifastv in this repository
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minifastv.image import ImageProcessorConfig, load_image, preprocess  # noqa: E402
 from minifastv.checkpoint import DEFAULT_REPO, load, resolve_folder  # noqa: E402
@@ -25,35 +26,43 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def agreement(answers_plain, answers_pruned):
-    """How far two lists of answers agree, pair by pair: {"exact_match": float, "token_f1": float}, both in [0, 1].
+    """How far two lists of answers agree, pair by pair: {"exact_match": float, "token_f1": float},
+    both in [0, 1].
 
     answers_plain[i] and answers_pruned[i] answer the same image, without and with FastV.
     - exact_match: the share of pairs whose two strings are equal.
-    - token_f1: the mean over pairs of the F1 score of their words (SQuAD's answer metric). Split each answer
-      with str.split() (case and punctuation count: "Cat," and "cat" are different words). common = how many
-      words the two answers share, counted with repeats ("a a b" and "a c a" share 2). precision = common /
-      number of words of the pruned answer, recall = common / number of words of the plain answer,
-      F1 = 2 * precision * recall / (precision + recall), and 0 when common is 0. Two empty answers agree
-      fully (F1 1); an empty answer against a non-empty one scores 0.
+    - token_f1: the mean over pairs of the F1 score of their words (SQuAD's answer metric). Split
+      each answer with str.split() (case and punctuation count: "Cat," and "cat" are different
+      words). common = how many words the two answers share, counted with repeats ("a a b" and
+      "a c a" share 2). precision = common / number of words of the pruned answer,
+      recall = common / number of words of the plain answer,
+      F1 = 2 * precision * recall / (precision + recall), and 0 when common is 0. Two empty answers
+      agree fully (F1 1); an empty answer against a non-empty one scores 0.
     Raise ValueError when the lists have different lengths or are empty.
     """
     raise NotImplementedError("fill in agreement() in homework/agreement.py first (exercise 4)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The rest is given: read the folder, answer each image twice, print.
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python homework/agreement.py",
-                                     description="Answers with and without FastV over a folder of images, and their agreement.")
-    parser.add_argument("--model", default=DEFAULT_REPO, help=f"hub repo id or local llava-hf folder (default {DEFAULT_REPO})")
+    parser = argparse.ArgumentParser(
+        prog="python homework/agreement.py",
+        description="Answers with and without FastV over a folder of images, and their agreement.",
+    )
+    parser.add_argument("--model", default=DEFAULT_REPO,
+                        help=f"hub repo id or local llava-hf folder (default {DEFAULT_REPO})")
     parser.add_argument("--images", required=True, help="a folder of images")
-    parser.add_argument("--prompt", default="Describe this image.", help="the question asked about every image")
+    parser.add_argument("--prompt", default="Describe this image.",
+                        help="the question asked about every image")
     parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
     parser.add_argument("--r", type=float, default=0.5, help="FastV's R (default 0.5)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="at most this many answer tokens (default 32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="at most this many answer tokens (default 32)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, ... (default: cuda when there is one)")
     return parser.parse_args(argv)
 
 
@@ -79,14 +88,20 @@ def main(argv=None, out=None):
     model = load(folder, device=args.device)
     tokenizer = Tokenizer.from_folder(folder)
     processor = ImageProcessorConfig.from_folder(folder)
-    input_ids = encode_prompt(tokenizer, format_prompt(args.prompt), model.config.image_tokens_per_image)
+    input_ids = encode_prompt(
+        tokenizer, format_prompt(args.prompt), model.config.image_tokens_per_image
+    )
     fastv = FastV(args.k, args.r)
 
     answers_plain, answers_pruned = [], []
     for file in files:
         pixel_values = preprocess([load_image(file)], processor)
-        answers_plain.append(answer(model, tokenizer, input_ids, pixel_values, None, args.max_new_tokens))
-        answers_pruned.append(answer(model, tokenizer, input_ids, pixel_values, fastv, args.max_new_tokens))
+        answers_plain.append(
+            answer(model, tokenizer, input_ids, pixel_values, None, args.max_new_tokens)
+        )
+        answers_pruned.append(
+            answer(model, tokenizer, input_ids, pixel_values, fastv, args.max_new_tokens)
+        )
         same = "same" if answers_plain[-1] == answers_pruned[-1] else "different"
         print(f"{file.name}: {same}", file=out)
         print(f"  without FastV: {answers_plain[-1]}", file=out)

@@ -12,15 +12,22 @@ import minifastv.model as M
 from minifastv.image import ImageProcessorConfig, preprocess
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
 
-from checking import exercise, load_starter, tiny_checkpoint  # noqa: F401  (tiny_checkpoint: a pytest fixture)
+# tiny_checkpoint: a pytest fixture
+from checking import exercise, load_starter, tiny_checkpoint  # noqa: F401
 
 agreement = exercise("agreement.py", "agreement")
 
 
 def assert_metrics(metrics, exact_match, token_f1):
-    assert set(metrics) >= {"exact_match", "token_f1"}, f"agreement returned the keys {sorted(metrics)}"
-    assert metrics["exact_match"] == pytest.approx(exact_match), f"exact_match: expected {exact_match}, got {metrics['exact_match']}"
-    assert metrics["token_f1"] == pytest.approx(token_f1), f"token_f1: expected {token_f1}, got {metrics['token_f1']}"
+    assert set(metrics) >= {"exact_match", "token_f1"}, (
+        f"agreement returned the keys {sorted(metrics)}"
+    )
+    assert metrics["exact_match"] == pytest.approx(exact_match), (
+        f"exact_match: expected {exact_match}, got {metrics['exact_match']}"
+    )
+    assert metrics["token_f1"] == pytest.approx(token_f1), (
+        f"token_f1: expected {token_f1}, got {metrics['token_f1']}"
+    )
 
 
 def test_identical_answers_agree_fully():
@@ -29,14 +36,16 @@ def test_identical_answers_agree_fully():
 
 
 def test_answers_without_a_common_word_do_not_agree():
-    assert_metrics(agreement(["a cat", "red", "one two three"], ["the dog", "blue", "four"]), 0.0, 0.0)
+    assert_metrics(
+        agreement(["a cat", "red", "one two three"], ["the dog", "blue", "four"]), 0.0, 0.0
+    )
 
 
 def test_hand_made_case():
     plain = ["a cat on a mat", "a dog", "yes", "a a b", "two red cars"]
     pruned = ["a cat on the mat", "a dog", "no", "a c a", "two cars red"]
-    # F1 per pair: 4 words shared of 5 and 5 -> 0.8; 1.0; 0.0; 2 shared of 3 and 3 -> 2/3; the same words in
-    # another order -> 1.0
+    # F1 per pair: 4 words shared of 5 and 5 -> 0.8; 1.0; 0.0; 2 shared of 3 and 3 -> 2/3;
+    # the same words in another order -> 1.0
     assert_metrics(agreement(plain, pruned), 1 / 5, (0.8 + 1.0 + 0.0 + 2 / 3 + 1.0) / 5)
 
 
@@ -52,7 +61,8 @@ def test_case_and_punctuation_count():
 
 
 def test_empty_answers():
-    assert_metrics(agreement(["", "a b"], ["", "a c"]), 0.5, (1.0 + 0.5) / 2)  # two empty answers agree
+    # two empty answers agree
+    assert_metrics(agreement(["", "a b"], ["", "a c"]), 0.5, (1.0 + 0.5) / 2)
     assert_metrics(agreement([""], ["something"]), 0.0, 0.0)
 
 
@@ -80,17 +90,21 @@ def answers(checkpoint, images, prompt, fastv, max_new_tokens):
     found = []
     for image in images:
         pixels = preprocess([image], ImageProcessorConfig.from_folder(checkpoint))
-        found.append(tokenizer.decode(model.generate(ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv)[0].tolist()).strip())
+        found.append(tokenizer.decode(
+            model.generate(ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv)[0].tolist()
+        ).strip())
     return found
 
 
 def test_script_runs_on_a_folder(tiny_checkpoint, tmp_path, capsys):
     agreement(["a probe"], ["a probe"])  # an unfilled starter skips here, before the slow part
     script = load_starter("agreement.py")  # main() is what `python homework/agreement.py ...` runs
-    script.agreement = agreement  # the function under test (yours, or the one MINIFASTV_HOMEWORK_FROM names)
+    # the function under test (yours, or the one MINIFASTV_HOMEWORK_FROM names)
+    script.agreement = agreement
     names = write_images(tmp_path / "images")
-    metrics = script.main(["--model", str(tiny_checkpoint), "--images", str(tmp_path / "images"), "--prompt", "What is this?",
-                           "--k", "2", "--r", "0.75", "--max-new-tokens", "5", "--device", "cpu"])
+    metrics = script.main(["--model", str(tiny_checkpoint), "--images", str(tmp_path / "images"),
+                           "--prompt", "What is this?", "--k", "2", "--r", "0.75",
+                           "--max-new-tokens", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     for name in names:
         assert f"{name}: " in out
@@ -99,4 +113,5 @@ def test_script_runs_on_a_folder(tiny_checkpoint, tmp_path, capsys):
     plain = answers(tiny_checkpoint, images, "What is this?", None, 5)
     pruned = answers(tiny_checkpoint, images, "What is this?", M.FastV(2, 0.75), 5)
     assert metrics == agreement(plain, pruned)
-    assert f"exact_match: {metrics['exact_match']:.3f}" in out and f"token_f1: {metrics['token_f1']:.3f}" in out
+    assert (f"exact_match: {metrics['exact_match']:.3f}" in out
+            and f"token_f1: {metrics['token_f1']:.3f}" in out)

@@ -1,7 +1,8 @@
 """Check exercise 5 (homework/spread_rule.py): python -m pytest homework/check_5_spread_rule.py
 
-No reference implementation here: the checks test the properties that define the rule, on FastV's scores
-(the last token's attention, mean over heads, the image columns), for several R, image counts and batches.
+No reference implementation here: the checks test the properties that define the rule, on FastV's
+scores (the last token's attention, mean over heads, the image columns), for several R, image counts
+and batches.
 """
 
 import pytest
@@ -28,13 +29,16 @@ def run(tiny, num_images, batch_size, r):
     captured = {}
 
     def spy(inputs):
-        captured["scores"] = inputs.last_token_attention.mean(dim=1).gather(1, inputs.image_positions)
+        captured["scores"] = inputs.last_token_attention.mean(dim=1).gather(
+            1, inputs.image_positions
+        )
         captured["num_keep"] = inputs.num_keep
         return row_balanced_rule(inputs)
 
     cache = M.KVCache(len(tiny.ours.language_model.layers))
     with torch.no_grad():
-        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=spy), last_logits_only=True)
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=spy),
+                  last_logits_only=True)
     return cache.kept_image_tokens, captured["scores"], captured["num_keep"]
 
 
@@ -52,7 +56,9 @@ def test_every_row_keeps_its_share(tiny, r, num_images, batch_size):
     per_row = num_keep // grid.shape[1]
     counts = grid.sum(dim=-1)  # (B, rows)
     assert kept.shape == (batch_size, num_keep)
-    assert bool((counts >= per_row).all()), f"rows keep {counts.tolist()} patches; each should keep at least {per_row}"
+    assert bool((counts >= per_row).all()), (
+        f"rows keep {counts.tolist()} patches; each should keep at least {per_row}"
+    )
 
 
 @pytest.mark.parametrize("r, num_images, batch_size", CASES)
@@ -62,7 +68,9 @@ def test_each_row_keeps_its_best_patches(tiny, r, num_images, batch_size):
     by_row = scores.view(grid.shape)
     worst_kept = by_row.masked_fill(~grid, float("inf")).min(dim=-1).values  # (B, rows)
     best_dropped = by_row.masked_fill(grid, float("-inf")).max(dim=-1).values
-    assert bool((worst_kept >= best_dropped).all()), "a row kept a patch and dropped a better one of the same row"
+    assert bool((worst_kept >= best_dropped).all()), (
+        "a row kept a patch and dropped a better one of the same row"
+    )
 
 
 @pytest.mark.parametrize("r, num_images, batch_size", CASES)
@@ -77,15 +85,21 @@ def test_extra_patches_are_the_best_of_the_rest(tiny, r, num_images, batch_size)
     assert int(extra.sum()) == kept.numel() - per_row * grid.shape[0] * grid.shape[1]
     for prompt in range(batch_size):
         if extra[prompt].any() and not grid[prompt].all():
-            worst_extra, best_dropped = by_row[prompt][extra[prompt]].min(), by_row[prompt][~grid[prompt]].max()
-            assert worst_extra >= best_dropped, "an extra patch was kept while a better one (beyond its row's share) was dropped"
+            worst_extra, best_dropped = (by_row[prompt][extra[prompt]].min(),
+                                         by_row[prompt][~grid[prompt]].max())
+            assert worst_extra >= best_dropped, (
+                "an extra patch was kept while a better one (beyond its row's share) was dropped"
+            )
 
 
 def test_spreads_more_than_fastv(tiny):
-    """FastV alone leaves some row with fewer than its share (the tiny model's last token has favourites)."""
+    """FastV alone leaves some row with fewer than its share (the tiny model's last token has
+    favourites)."""
     kept, scores, num_keep = run(tiny, 1, 1, 0.5)
     fastv = scores.topk(num_keep, dim=-1).indices
     rows = tiny.tokens_per_image // tiny.grid_size
     fastv_counts = kept_grid(fastv, scores.shape[1], tiny.grid_size).sum(-1)
-    assert int(fastv_counts.min()) < num_keep // rows  # the premise of the exercise holds on this model
-    assert kept_grid(kept, scores.shape[1], tiny.grid_size).sum(-1).tolist() == [[num_keep // rows] * rows]
+    # the premise of the exercise holds on this model
+    assert int(fastv_counts.min()) < num_keep // rows
+    assert (kept_grid(kept, scores.shape[1], tiny.grid_size).sum(-1).tolist()
+            == [[num_keep // rows] * rows])

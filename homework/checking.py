@@ -1,17 +1,19 @@
 """What the homework checks share (not an exercise: nothing to fill in here).
 
-- `exercise(starter, name)`: the function you write, taken from the starter file. While the starter still
-  raises NotImplementedError("fill in ... first"), calling it SKIPS the check with that sentence instead of
-  failing it. Any other error fails the check as usual.
-- MINIFASTV_HOMEWORK_FROM=path/to/file.py: every exercise function that file defines is taken from it
-  instead of the starters. A teacher checks their own solutions, kept outside the repository, with
+- `exercise(starter, name)`: the function you write, taken from the starter file. While the starter
+  still raises NotImplementedError("fill in ... first"), calling it SKIPS the check with that
+  sentence instead of failing it. Any other error fails the check as usual.
+- MINIFASTV_HOMEWORK_FROM=path/to/file.py: every exercise function that file defines is taken
+  from it instead of the starters. A teacher checks their own solutions, kept outside the
+  repository, with
       MINIFASTV_HOMEWORK_FROM=~/solutions.py python -m pytest homework/
   and tests/test_homework.py uses it to show that each check fails on plausible wrong answers.
-- The fixtures `tiny` and `tiny_checkpoint`: tiny random models, built in a second or two with the helpers
-  of tests/conftest.py. transformers' LlavaForConditionalGeneration with eager attention gives the reference
-  attention weights; minifastv's Llava is loaded from the same weights.
-- `pruning_inputs` (what FastV hands a rule at layer K), `ask_rule` and `top_k_mistake` (is a choice a top-k of
-  some scores?), for the checks of the pruning rules; `once`, to compute a check's reference cases once.
+- The fixtures `tiny` and `tiny_checkpoint`: tiny random models, built in a second or two with the
+  helpers of tests/conftest.py. transformers' LlavaForConditionalGeneration with eager attention
+  gives the reference attention weights; minifastv's Llava is loaded from the same weights.
+- `pruning_inputs` (what FastV hands a rule at layer K), `ask_rule` and `top_k_mistake` (is a
+  choice a top-k of some scores?), for the checks of the pruning rules; `once`, to compute a
+  check's reference cases once.
 """
 
 import dataclasses
@@ -29,7 +31,8 @@ import minifastv.model as M
 
 HOMEWORK = Path(__file__).resolve().parent
 TESTS = HOMEWORK.parent / "tests"
-torch.set_num_threads(1)  # the tiny models' matrices are too small to share out: one thread is fastest
+# the tiny models' matrices are too small to share out: one thread is fastest
+torch.set_num_threads(1)
 
 SUBSTITUTE_VARIABLE = "MINIFASTV_HOMEWORK_FROM"
 
@@ -47,14 +50,16 @@ def load_starter(starter):
     return load_file(HOMEWORK / starter, "minifastv_homework_" + Path(starter).stem)
 
 
-test_helpers = load_file(TESTS / "conftest.py", "minifastv_test_helpers")  # tiny_hf_model, image_prompt, ...
+# tiny_hf_model, image_prompt, ...
+test_helpers = load_file(TESTS / "conftest.py", "minifastv_test_helpers")
 
 
 def exercise(starter, function_name):
-    """The function `function_name` of homework/`starter` (or of the MINIFASTV_HOMEWORK_FROM file), made to
-    skip the calling check while it is unfilled."""
+    """The function `function_name` of homework/`starter` (or of the MINIFASTV_HOMEWORK_FROM file),
+    made to skip the calling check while it is unfilled."""
     substitute = os.environ.get(SUBSTITUTE_VARIABLE)
-    module = load_file(Path(substitute).expanduser().resolve(), "minifastv_homework_substitute") if substitute else None
+    module = (load_file(Path(substitute).expanduser().resolve(), "minifastv_homework_substitute")
+              if substitute else None)
     if module is None or not hasattr(module, function_name):
         module = load_starter(starter)
     function = getattr(module, function_name)
@@ -81,36 +86,48 @@ class TinyModels(SimpleNamespace):
 
 
 def build_tiny(folder):
-    """The tiny models and prompts every check uses (the `tiny` fixture; its folder receives the weights).
+    """The tiny models and prompts every check uses (the `tiny` fixture; its folder receives the
+    weights).
 
     tiny.ours: minifastv's Llava (4 decoder layers, 4 heads, 3 CLIP layers) in float32.
-    tiny.hf: transformers' model with the same weights and eager attention (it can return attention weights).
-    tiny.case(num_images, batch_size, pad=True, seed=0): (input_ids, attention_mask, pixel_values) of random
-      prompts; with pad=True the prompts have different lengths and are left-padded, with pad=False one length.
-    tiny.batch(seed, num_images, pad, batch_size=3): the same, with text of random lengths before each image and
-      after the last one (all prompts of one length when pad=False): the many cases a check loops over.
+    tiny.hf: transformers' model with the same weights and eager attention (it can return attention
+      weights).
+    tiny.case(num_images, batch_size, pad=True, seed=0): (input_ids, attention_mask, pixel_values)
+      of random prompts; with pad=True the prompts have different lengths and are left-padded, with
+      pad=False one length.
+    tiny.batch(seed, num_images, pad, batch_size=3): the same, with text of random lengths before
+      each image and after the last one (all prompts of one length when pad=False): the many cases
+      a check loops over.
     """
     hf = test_helpers.tiny_hf_model(seed=0)
     hf.set_attn_implementation("eager")
-    ours = minifastv.load(test_helpers.save_hub_style(hf, folder), device="cpu", dtype=torch.float32, progress=False)
+    ours = minifastv.load(test_helpers.save_hub_style(hf, folder), device="cpu",
+                          dtype=torch.float32, progress=False)
 
     def case(num_images=1, batch_size=1, pad=True, seed=0):
-        prompts = [test_helpers.image_prompt(num_images, TOKENS_PER_IMAGE, text_before=4 + 3 * row * pad,
-                                             text_after=6 + row * pad, seed=seed + row) for row in range(batch_size)]
+        prompts = [test_helpers.image_prompt(num_images, TOKENS_PER_IMAGE,
+                                             text_before=4 + 3 * row * pad,
+                                             text_after=6 + row * pad, seed=seed + row)
+                   for row in range(batch_size)]
         ids, mask = test_helpers.left_pad(prompts)
-        return ids, mask, test_helpers.random_pixels(num_images * batch_size, seed=seed + num_images)
+        return ids, mask, test_helpers.random_pixels(
+            num_images * batch_size, seed=seed + num_images
+        )
 
     def batch(seed, num_images, pad, batch_size=3):
         generator = torch.Generator().manual_seed(seed)
-        lengths = torch.randint(2, 11, (batch_size, 2), generator=generator)  # (text before each image, after)
+        # (text before each image, after)
+        lengths = torch.randint(2, 11, (batch_size, 2), generator=generator)
         if not pad:
             lengths[:] = lengths[0]
-        prompts = [test_helpers.image_prompt(num_images, TOKENS_PER_IMAGE, int(before), int(after), seed=100 * seed + row)
+        prompts = [test_helpers.image_prompt(num_images, TOKENS_PER_IMAGE, int(before), int(after),
+                                             seed=100 * seed + row)
                    for row, (before, after) in enumerate(lengths.tolist())]
         ids, mask = test_helpers.left_pad(prompts)
         return ids, mask, test_helpers.random_pixels(num_images * batch_size, seed=seed)
 
-    return TinyModels(ours=ours, hf=hf, case=case, batch=batch, image_token_id=test_helpers.IMAGE_TOKEN,
+    return TinyModels(ours=ours, hf=hf, case=case, batch=batch,
+                      image_token_id=test_helpers.IMAGE_TOKEN,
                       tokens_per_image=TOKENS_PER_IMAGE, grid_size=6)
 
 
@@ -123,8 +140,8 @@ def tiny(tmp_path_factory):
 
 
 def once(key, build):
-    """build() the first time `key` is asked for in this process, the same value after: what a check computes from
-    the tiny models alone (no code of yours), shared by its tests."""
+    """build() the first time `key` is asked for in this process, the same value after: what a check
+    computes from the tiny models alone (no code of yours), shared by its tests."""
     if key not in _built:
         _built[key] = build()
     return _built[key]
@@ -132,43 +149,53 @@ def once(key, build):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A complete tiny model folder (config, safetensors, a small Llama-style tokenizer, preprocessor config)."""
+    """A complete tiny model folder (config, safetensors, a small Llama-style tokenizer,
+    preprocessor config)."""
     if "checkpoint" not in _built or not _built["checkpoint"].is_dir():
-        _built["checkpoint"] = test_helpers.write_cli_checkpoint(tmp_path_factory.mktemp("agreement") / "tiny-llava")
+        _built["checkpoint"] = test_helpers.write_cli_checkpoint(
+            tmp_path_factory.mktemp("agreement") / "tiny-llava"
+        )
     return _built["checkpoint"]
 
 
 @torch.no_grad()
 def pruning_inputs(model, input_ids, attention_mask, pixel_values, k):
-    """The PruningInputs that FastV hands a rule at layer k of this prompt batch (FastV's own rule chooses)."""
+    """The PruningInputs that FastV hands a rule at layer k of this prompt batch (FastV's
+    own rule chooses)."""
     captured = {}
 
     def spy(inputs):
         captured["inputs"] = inputs
         return M.fastv_rule(inputs)
 
-    model(input_ids, pixel_values, attention_mask=attention_mask, fastv=M.FastV(k, 0.5, rule=spy), last_logits_only=True)
+    model(input_ids, pixel_values, attention_mask=attention_mask, fastv=M.FastV(k, 0.5, rule=spy),
+          last_logits_only=True)
     return captured["inputs"]
 
 
 def ask_rule(rule, inputs, num_keep):
-    """`rule`'s choice for a copy of `inputs` that asks for num_keep tokens: (B, num_keep), each row sorted.
+    """`rule`'s choice for a copy of `inputs` that asks for num_keep tokens: (B, num_keep), each
+    row sorted.
 
-    The copy's tensors are new, so a rule that writes into them cannot change the next question. FastV's own
-    test of a rule's answer (shape, distinct indices, in range) raises a ValueError that says what is wrong.
+    The copy's tensors are new, so a rule that writes into them cannot change the next question.
+    FastV's own test of a rule's answer (shape, distinct indices, in range) raises a ValueError
+    that says what is wrong.
     """
-    copy = dataclasses.replace(inputs, num_keep=num_keep, **{field.name: getattr(inputs, field.name).clone()
-                                                              for field in dataclasses.fields(inputs)
-                                                              if isinstance(getattr(inputs, field.name), torch.Tensor)})
+    copy = dataclasses.replace(inputs, num_keep=num_keep, **{
+        field.name: getattr(inputs, field.name).clone()
+        for field in dataclasses.fields(inputs)
+        if isinstance(getattr(inputs, field.name), torch.Tensor)
+    })
     batch_size, num_image_tokens = inputs.image_positions.shape
     return M.check_kept(rule(copy), batch_size, num_image_tokens, num_keep).sort(dim=-1).values
 
 
 def top_k_mistake(kept, scores, tolerance=1e-7):
-    """None when `kept` (indices) is a top-len(kept) of `scores` (N,), else a sentence that says what differs.
+    """None when `kept` (indices) is a top-len(kept) of `scores` (N,), else a sentence
+    that says what differs.
 
-    Two scores closer than `tolerance` count as a tie: either may be kept (your arithmetic and the reference's
-    differ in the last bits of a float32).
+    Two scores closer than `tolerance` count as a tie: either may be kept (your arithmetic and the
+    reference's differ in the last bits of a float32).
     """
     is_kept = torch.zeros(len(scores), dtype=torch.bool)
     is_kept[kept] = True
@@ -179,6 +206,7 @@ def top_k_mistake(kept, scores, tolerance=1e-7):
         return None
     reference = scores.topk(len(kept)).indices.sort().values
     kept_wrongly = [i for i in kept.tolist() if scores[i] < best_dropped - tolerance]
-    dropped_wrongly = [i for i in range(len(scores)) if not is_kept[i] and scores[i] > worst_kept + tolerance]
+    dropped_wrongly = [i for i in range(len(scores))
+                       if not is_kept[i] and scores[i] > worst_kept + tolerance]
     return (f"keeps image tokens {kept_wrongly} but drops {dropped_wrongly}, which score higher "
             f"(the reference keeps {reference.tolist()})")

@@ -1,7 +1,9 @@
-"""From words to ids and back: the LLaVA-1.5 and Video-LLaVA prompt, Llama-2's tokenizer, and streaming decode.
+"""From words to ids and back: the LLaVA-1.5 and Video-LLaVA prompt, Llama-2's tokenizer,
+and streaming decode.
 
-Needs only the `tokenizers` library (and torch for the prompt tensor). tests/test_prompt.py checks every id
-against transformers' LlavaProcessor and VideoLlavaProcessor, and every template against llava-hf's chat template.
+Needs only the `tokenizers` library (and torch for the prompt tensor). tests/test_prompt.py checks
+every id against transformers' LlavaProcessor and VideoLlavaProcessor, and every template against
+llava-hf's chat template.
 """
 
 from pathlib import Path
@@ -11,8 +13,10 @@ import torch
 
 from .errors import CheckpointError
 
-IMAGE_PLACEHOLDER = "<image>"  # one per image in the prompt text; encode_prompt expands it to one id per feature
-VIDEO_PLACEHOLDER = "<video>"  # Video-LLaVA: one per video, expanded to one id per frame feature (8 x 257)
+# one per image in the prompt text; encode_prompt expands it to one id per feature
+IMAGE_PLACEHOLDER = "<image>"
+# Video-LLaVA: one per video, expanded to one id per frame feature (8 x 257)
+VIDEO_PLACEHOLDER = "<video>"
 
 
 def count_images(text):
@@ -26,32 +30,37 @@ def count_videos(text):
 
 
 def format_prompt(question, num_images=1, history=(), num_videos=0):
-    """The conversation in LLaVA-1.5's template (Video-LLaVA's is the same), as llava-hf's chat template writes it.
+    """The conversation in LLaVA-1.5's template (Video-LLaVA's is the same), as llava-hf's
+    chat template writes it.
 
-    history: earlier turns as [(question, answer), ...]. The images go at the start of the first user turn,
-    one "<image>\\n" each, then the videos, one "<video>\\n" each, unless the text already holds placeholders
-    of that kind: then they stay where the user put them.
+    history: earlier turns as [(question, answer), ...]. The images go at the start of the first
+    user turn, one "<image>\\n" each, then the videos, one "<video>\\n" each, unless the text
+    already holds placeholders of that kind: then they stay where the user put them.
     """
     questions = [asked for asked, _ in history] + [question]
     answers = [answer for _, answer in history]
-    for placeholder, count in ((VIDEO_PLACEHOLDER, num_videos), (IMAGE_PLACEHOLDER, num_images)):  # images end first
+    # images end first
+    for placeholder, count in ((VIDEO_PLACEHOLDER, num_videos), (IMAGE_PLACEHOLDER, num_images)):
         if not any(placeholder in asked for asked in questions):
             questions[0] = (placeholder + "\n") * count + questions[0]
-    # No system prompt. Every message ends with one space; the prompt ends on "ASSISTANT:", the model's cue.
-    earlier_turns = "".join(f"USER: {asked} ASSISTANT: {answer} " for asked, answer in zip(questions, answers))
+    # No system prompt. Every message ends with one space; the prompt ends on
+    # "ASSISTANT:", the model's cue.
+    earlier_turns = "".join(
+        f"USER: {asked} ASSISTANT: {answer} " for asked, answer in zip(questions, answers)
+    )
     return earlier_turns + f"USER: {questions[-1]} ASSISTANT:"
 
 
 class Tokenizer:
     """Llama-2's tokenizer: BPE over words marked with "▁", with byte fallback for rare characters.
 
-    We use the checkpoint's tokenizer.json exactly as written. Its normalizer puts a "▁" in front of every
-    stretch of text, the stretch after each <image> included: "<image>\\n" becomes <image> ▁ <0x0A>. That
-    is what LLaVA saw in training (its code tokenized the text between images piece by piece, each with
-    sentencepiece's leading ▁), and what transformers 5 gives for a llava-hf checkpoint (AutoProcessor loads
-    this file as is). Beware transformers' LlamaTokenizer class: it rebuilds the pipeline (Metaspace,
-    "▁" at the very start only) and drops that ▁; AutoTokenizer picks it for a folder without a llava
-    config.json.
+    We use the checkpoint's tokenizer.json exactly as written. Its normalizer puts a "▁" in front of
+    every stretch of text, the stretch after each <image> included: "<image>\\n" becomes
+    <image> ▁ <0x0A>. That is what LLaVA saw in training (its code tokenized the text between images
+    piece by piece, each with sentencepiece's leading ▁), and what transformers 5 gives for a
+    llava-hf checkpoint (AutoProcessor loads this file as is). Beware transformers' LlamaTokenizer
+    class: it rebuilds the pipeline (Metaspace, "▁" at the very start only) and drops that ▁;
+    AutoTokenizer picks it for a folder without a llava config.json.
     """
 
     def __init__(self, backend):
@@ -59,28 +68,38 @@ class Tokenizer:
         self.bos_token_id = backend.token_to_id("<s>")
         self.eos_token_id = backend.token_to_id("</s>")
         self.image_token_id = backend.token_to_id(IMAGE_PLACEHOLDER)
-        self.video_token_id = backend.token_to_id(VIDEO_PLACEHOLDER)  # None in LLaVA-1.5's tokenizer
+        # None in LLaVA-1.5's tokenizer
+        self.video_token_id = backend.token_to_id(VIDEO_PLACEHOLDER)
         self.pad_token_id = backend.token_to_id("<pad>")
-        self.vocab_size = backend.get_vocab_size()  # added tokens included: 32002 for Llama-2 + <image> + <pad>
+        # added tokens included: 32002 for Llama-2 + <image> + <pad>
+        self.vocab_size = backend.get_vocab_size()
 
     @classmethod
     def from_folder(cls, folder):
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise CheckpointError(f"No tokenizer.json in {folder}: it comes with the checkpoint, beside config.json.")
+            raise CheckpointError(
+                f"No tokenizer.json in {folder}: "
+                "it comes with the checkpoint, beside config.json."
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust library raises a bare Exception for any file it cannot parse
+        # the Rust library raises a bare Exception for any file it cannot parse
+        except Exception as error:
             reason = " ".join(str(error).split())
-            raise CheckpointError(f"{path} is not a tokenizer the tokenizers library can read ({reason}): "
-                                  "the file is damaged; download it again.") from None
+            raise CheckpointError(
+                f"{path} is not a tokenizer the tokenizers library can read ({reason}): "
+                "the file is damaged; download it again."
+            ) from None
         return cls(backend)
 
     def encode(self, text, add_bos=True):
-        return self.backend.encode(text, add_special_tokens=add_bos).ids  # the file's post-processor adds <s>
+        # the file's post-processor adds <s>
+        return self.backend.encode(text, add_special_tokens=add_bos).ids
 
     def decode(self, ids):
-        # The decoder turns ▁ back into spaces, joins byte tokens into characters, and strips one leading space.
+        # The decoder turns ▁ back into spaces, joins byte tokens into characters, and strips
+        # one leading space.
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def stream_decoder(self):
@@ -95,11 +114,12 @@ class Tokenizer:
 class StreamDecoder:
     """Turns generated ids into text as they arrive, so an answer can be printed word by word.
 
-    Decoding each id on its own breaks the text: "▁is" alone decodes to "is" (the decoder strips a leading
-    space), and an emoji is four byte tokens (<0xF0> <0x9F> <0x98> <0x80>) that mean nothing one by one.
-    So we decode all the ids so far and hand out only the new characters, holding them back while a run of
-    byte tokens may still go on: the run is decoded as a whole, and one bad byte turns every byte of it into
-    U+FFFD, even those that looked complete. Decoding everything again costs time that grows with the answer.
+    Decoding each id on its own breaks the text: "▁is" alone decodes to "is" (the decoder strips a
+    leading space), and an emoji is four byte tokens (<0xF0> <0x9F> <0x98> <0x80>) that mean nothing
+    one by one. So we decode all the ids so far and hand out only the new characters, holding them
+    back while a run of byte tokens may still go on: the run is decoded as a whole, and one bad byte
+    turns every byte of it into U+FFFD, even those that looked complete. Decoding everything again
+    costs time that grows with the answer.
     """
 
     def __init__(self, tokenizer):
@@ -115,7 +135,8 @@ class StreamDecoder:
         return self._new_text(self.tokenizer.decode(self.ids))
 
     def flush(self):
-        """Whatever is still held back (bytes of a character that never completed), at the end of generation."""
+        """Whatever is still held back (bytes of a character that never completed), at the
+        end of generation."""
         return self._new_text(self.tokenizer.decode(self.ids))
 
     def _new_text(self, text):
@@ -124,16 +145,19 @@ class StreamDecoder:
 
 
 def encode_prompt(tokenizer, text, image_tokens_per_image, tokens_per_video=0):
-    """The prompt as a (1, T) tensor of ids: <s>, then the text, each <image> repeated once per image feature
-    and each <video> once per video feature.
+    """The prompt as a (1, T) tensor of ids: <s>, then the text, each <image> repeated once per
+    image feature and each <video> once per video feature.
 
-    LLaVA-1.5 sees a 336 px image as (336 / 14)^2 = 576 patches; CLIP adds a CLS token and the "default"
-    feature strategy drops it again, so 576 features, and the prompt keeps 576 <image> ids where the model
-    will put them. Video-LLaVA's video is 8 frames of (224 / 14)^2 = 256 patches and their CLS tokens: 2,056
-    <video> ids. This is what LlavaProcessor and VideoLlavaProcessor do (they repeat the placeholder in the
-    text, then tokenize).
+    LLaVA-1.5 sees a 336 px image as (336 / 14)^2 = 576 patches; CLIP adds a CLS token and the
+    "default" feature strategy drops it again, so 576 features, and the prompt keeps 576 <image> ids
+    where the model will put them. Video-LLaVA's video is 8 frames of (224 / 14)^2 = 256 patches and
+    their CLS tokens: 2,056 <video> ids. This is what LlavaProcessor and VideoLlavaProcessor do
+    (they repeat the placeholder in the text, then tokenize).
     """
-    copies = {tokenizer.image_token_id: image_tokens_per_image, tokenizer.video_token_id: tokens_per_video}
+    copies = {
+        tokenizer.image_token_id: image_tokens_per_image,
+        tokenizer.video_token_id: tokens_per_video,
+    }
     ids = []
     for token_id in tokenizer.encode(text):
         ids += [token_id] * copies.get(token_id, 1)

@@ -1,4 +1,5 @@
-"""python -m minifastv.flops: a LLaVA prefill's FLOPs with and without FastV, the paper's formula and the exact count."""
+"""python -m minifastv.flops: a LLaVA prefill's FLOPs with and without FastV, the paper's formula
+and the exact count."""
 
 import argparse
 import sys
@@ -11,14 +12,21 @@ from . import exact_prefill_flops, kv_cache_bytes, paper_flops, parameter_count
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m minifastv.flops",
-                                     description="Prefill FLOPs of LLaVA with and without FastV: the paper's model and an exact count.")
+    parser = argparse.ArgumentParser(
+        prog="python -m minifastv.flops",
+        description=("Prefill FLOPs of LLaVA with and without FastV: "
+                     "the paper's model and an exact count."),
+    )
     parser.add_argument("--config", default="llava-1.5-13b",
-                        help=f"{', '.join(PRESETS)}, or a config.json or model folder (default llava-1.5-13b, the paper's Table 1)")
+                        help=(f"{', '.join(PRESETS)}, or a config.json or model folder "
+                              "(default llava-1.5-13b, the paper's Table 1)"))
     cli.add_fastv_arguments(parser)
-    parser.add_argument("--text-tokens", type=int, default=36, help="text tokens in the prompt (default 36, as in the paper)")
-    parser.add_argument("--images", type=int, help="images in the prompt (default 1, or 0 for Video-LLaVA)")
-    parser.add_argument("--videos", type=int, help="videos in the prompt, for Video-LLaVA (default 1 there, else 0)")
+    parser.add_argument("--text-tokens", type=int, default=36,
+                        help="text tokens in the prompt (default 36, as in the paper)")
+    parser.add_argument("--images", type=int,
+                        help="images in the prompt (default 1, or 0 for Video-LLaVA)")
+    parser.add_argument("--videos", type=int,
+                        help="videos in the prompt, for Video-LLaVA (default 1 there, else 0)")
     return parser.parse_args(argv)
 
 
@@ -27,7 +35,10 @@ def model_config(name):
     if name in PRESETS:
         return config_by_name(name)
     if not Path(name).exists():
-        raise UsageError(f"--config {name} is neither a built-in config ({', '.join(PRESETS)}) nor a config.json or model folder.")
+        raise UsageError(
+            f"--config {name} is neither a built-in config ({', '.join(PRESETS)}) "
+            "nor a config.json or model folder."
+        )
     return read_config(name)
 
 
@@ -37,32 +48,47 @@ def main(argv=None):
     cli.check_at_least("--text-tokens", args.text_tokens, 0)
     config = model_config(args.config)
     video_llava = config.video_token_id is not None
-    num_images = cli.check_at_least("--images", int(not video_llava) if args.images is None else args.images, 0)
-    num_videos = cli.check_at_least("--videos", int(video_llava) if args.videos is None else args.videos, 0)
+    num_images = cli.check_at_least(
+        "--images", int(not video_llava) if args.images is None else args.images, 0
+    )
+    num_videos = cli.check_at_least(
+        "--videos", int(video_llava) if args.videos is None else args.videos, 0
+    )
     if num_videos and not video_llava:
-        raise UsageError(f"--videos needs a Video-LLaVA config such as video-llava-7b: {args.config} has no video tower.")
+        raise UsageError(
+            f"--videos needs a Video-LLaVA config such as video-llava-7b: {args.config} "
+            "has no video tower."
+        )
     if num_images + num_videos == 0:
         raise UsageError("The prompt needs at least one image or video: FastV prunes their tokens.")
-    num_image = num_images * config.image_tokens_per_image + num_videos * config.tokens_per_video  # FastV's pool
+    # FastV's pool
+    num_image = num_images * config.image_tokens_per_image + num_videos * config.tokens_per_video
     cli.check_fastv(args.k, args.r, config.text.num_hidden_layers, num_image)
     num_tokens = args.text_tokens + num_image
     layers = config.text.num_hidden_layers
     paper_base = paper_flops(config, args.text_tokens, num_image) / layers / 1e9
     paper_fast = paper_flops(config, args.text_tokens, num_image, args.k, args.r) / layers / 1e9
     exact_base = exact_prefill_flops(config, num_tokens, num_image, num_videos=num_videos) / 1e12
-    exact_fast = exact_prefill_flops(config, num_tokens, num_image, args.k, args.r, num_videos) / 1e12
-    kinds = " + ".join(part for part in (f"{num_images * config.image_tokens_per_image} image" * bool(num_images),
-                                         f"{num_videos * config.tokens_per_video} video" * bool(num_videos)) if part)
+    exact_fast = exact_prefill_flops(
+        config, num_tokens, num_image, args.k, args.r, num_videos
+    ) / 1e12
+    kinds = " + ".join(part for part in (
+        f"{num_images * config.image_tokens_per_image} image" * bool(num_images),
+        f"{num_videos * config.tokens_per_video} video" * bool(num_videos),
+    ) if part)
     print(f"{args.config}: {args.text_tokens} text + {kinds} tokens, FastV K={args.k} R={args.r}")
-    print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs ({1 - paper_fast / paper_base:.1%} fewer)")
-    print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): {exact_base:.2f} -> {exact_fast:.2f} TFLOPs "
-          f"({1 - exact_fast / exact_base:.1%} fewer)")
+    print(f"paper's formula, per decoder layer: {paper_base:.1f} -> {paper_fast:.1f} GFLOPs "
+          f"({1 - paper_fast / paper_base:.1%} fewer)")
+    print(f"exact prefill (vision, decoder with SwiGLU's 3 matrices, lm_head): "
+          f"{exact_base:.2f} -> {exact_fast:.2f} TFLOPs ({1 - exact_fast / exact_base:.1%} fewer)")
     gib = 2 * 2**-30  # float16: 2 bytes a value
     weights = f"weights {parameter_count(config) * gib:.2f} GiB"
     needed = ("image",) * bool(num_images) + ("video",) * bool(num_videos)
     if video_llava and len(needed) == 1:  # load(towers=needed) leaves the other tower out
-        weights += f" ({parameter_count(config, needed) * gib:.2f} GiB with the {needed[0]} tower only)"
-    kv_base, kv_fast = (kv_cache_bytes(config, num_tokens, num_image, k, args.r) * 2**-30 for k in (None, args.k))
+        weights += (f" ({parameter_count(config, needed) * gib:.2f} GiB "
+                    f"with the {needed[0]} tower only)")
+    kv_base, kv_fast = (kv_cache_bytes(config, num_tokens, num_image, k, args.r) * 2**-30
+                        for k in (None, args.k))
     print(f"float16 memory: {weights}; the prompt's KV cache {kv_base:.2f} -> {kv_fast:.2f} GiB")
 
 
