@@ -21,9 +21,10 @@ examples:
   python -m minifastv --image photo.jpg --prompt "What is written on the sign?"
   python -m minifastv --compare                           # with and without FastV, side by side
   python -m minifastv --k 3 --r 0.75 --max-new-tokens 32  # prune harder, a bit later
-  python -m minifastv --compile --compare                 # compiled: a slow first run, then faster ones
+  python -m minifastv --compile --compare                 # compiled: slow to start, then faster
   python -m minifastv --image a.png b.png --prompt "<image> then <image>: what changed?"
-  python -m minifastv --model LanguageBind/Video-LLaVA-7B-hf --video clip.gif --prompt "What happens?"
+  python -m minifastv --model LanguageBind/Video-LLaVA-7B-hf --video clip.gif \\
+      --prompt "What happens?"
 """
 
 
@@ -34,18 +35,21 @@ def parse_args(argv):
     cli.add_question_arguments(parser, max_new_tokens=128)
     cli.add_fastv_arguments(parser)
     parser.add_argument("--no-fastv", action="store_true", help="run the plain model, no pruning")
-    parser.add_argument("--compare", action="store_true", help="run without and with FastV, print both answers and stats")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) picks the likeliest token; > 0 samples")
+    parser.add_argument("--compare", action="store_true",
+                        help="run without and with FastV, print both answers and stats")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) picks the likeliest token; > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0,
-                        help="when sampling (--temperature > 0): only from the smallest set of tokens whose "
-                             "probability reaches top-p, in (0, 1] (default 1: all)")
+                        help="when sampling (--temperature > 0): only from the smallest set of "
+                             "tokens whose probability reaches top-p, in (0, 1] (default 1: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     cli.add_compile_argument(parser)
     return parser.parse_args(argv)
 
 
 def prepare(args):
-    """Check every input before the (slow) model load; return what generation needs (see cli.prepare_question)."""
+    """Check every input before the (slow) model load; return what generation needs (see
+    cli.prepare_question)."""
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     question = cli.prepare_question(args, use_fastv=args.compare or not args.no_fastv)
     question.sampling = sampling
@@ -97,7 +101,9 @@ def side_by_side(left, right, width=60):
 def speed_up_sentence(seconds_without, seconds_with):
     """'1.52x faster prefill with FastV', or 'slower' when it was: the ratio always above 1."""
     ratio = seconds_without / max(seconds_with, 1e-9)
-    return f"{ratio:.2f}x faster prefill with FastV" if ratio >= 1 else f"{1 / ratio:.2f}x slower prefill with FastV"
+    if ratio >= 1:
+        return f"{ratio:.2f}x faster prefill with FastV"
+    return f"{1 / ratio:.2f}x slower prefill with FastV"
 
 
 def main(argv=None, out=None):
@@ -107,14 +113,15 @@ def main(argv=None, out=None):
     if args.compile:
         cli.check_compile(question.device)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
-    if args.compile:  # compile for the settings that will run, with and without FastV, before any timing
+    visual = (question.pixel_values, question.pixel_values_videos)
+    if args.compile:  # compile for the settings that will run, with and without FastV, first
         settings = [None, question.fastv] if args.compare else [question.fastv]
-        cli.compile_and_warm_up(model, lambda: [generate(
-            model, question.input_ids, question.pixel_values, question.pixel_values_videos, max_new_tokens=args.max_new_tokens,
-            fastv=fastv) for fastv in settings])
+        cli.compile_and_warm_up(model, lambda: [
+            generate(model, question.input_ids, *visual, max_new_tokens=args.max_new_tokens,
+                     fastv=fastv) for fastv in settings])
     if args.compare:
-        with torch.inference_mode():  # warm up (kernels, allocator) so that neither run pays for it in the timings
-            model(question.input_ids, question.pixel_values, question.pixel_values_videos, last_logits_only=True)
+        with torch.inference_mode():  # warm up (kernels, allocator): neither timed run pays for it
+            model(question.input_ids, *visual, last_logits_only=True)
         print("--- without FastV ---", file=out)
         answer_plain, stats_plain = run(model, question, None, args.max_new_tokens, out)
         print(f"--- with FastV (K={args.k}, R={args.r}) ---", file=out)
@@ -122,7 +129,8 @@ def main(argv=None, out=None):
         print("---", file=out)
         print(side_by_side(stats_lines(stats_plain), stats_lines(stats_fast)), file=out)
         same = "the same answer" if answer_plain == answer_fast else "different answers"
-        print(f"{speed_up_sentence(stats_plain.prefill_seconds, stats_fast.prefill_seconds)}; {same}", file=out)
+        speed_up = speed_up_sentence(stats_plain.prefill_seconds, stats_fast.prefill_seconds)
+        print(f"{speed_up}; {same}", file=out)
     else:
         _, stats = run(model, question, question.fastv, args.max_new_tokens, out)
         print("---", file=out)

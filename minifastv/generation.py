@@ -107,7 +107,8 @@ def stream(model, input_ids, pixel_values=None, pixel_values_videos=None, attent
         raise ValueError(f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens asks for "
                          f"{max_new_tokens} more, but the model's context is {context} tokens.")
     started = time.perf_counter()
-    cache = model.new_cache(input_ids, fastv, room=max_new_tokens)
+    # Room for the decode steps' tokens: the last new token is never fed back, so never cached.
+    cache = model.new_cache(input_ids, fastv, room=max(max_new_tokens - 1, 0))
     logits = model(input_ids, pixel_values, pixel_values_videos, attention_mask, cache=cache,
                    fastv=fastv, last_logits_only=True)
     next_token = pick_token(logits[:, -1].float(), sampling, generator)  # (B,)

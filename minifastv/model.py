@@ -270,16 +270,6 @@ def visible_keys(key_mask, num_queries):
     return (causal[None, None] & real_keys) | itself[None, None]  # (B, 1, T, S)
 
 
-def causal_padding_mask(key_mask, num_queries):
-    """The attention mask for SDPA: visible_keys, or None when plain causal attention will do.
-
-    None lets SDPA use `is_causal`, which picks its fastest kernel: the case without padding.
-    """
-    if bool(key_mask.all()) and num_queries in (1, key_mask.shape[1]):
-        return None
-    return visible_keys(key_mask, num_queries)
-
-
 # ------------------------------------------------------------------------------------------------
 # The CLIP vision tower (ViT-L/14-336) and the projector into the decoder's space.
 
@@ -400,18 +390,16 @@ class KVCache:
 
     def __init__(self, config: TextConfig, batch_size, capacities, first_pruned_layer, device,
                  dtype):
-        """capacities: (slots of layers < first_pruned_layer, slots of the layers from it on)."""
+        """capacities: (slots of the layers before first_pruned_layer, of the layers after)."""
         self.first_pruned_layer = first_pruned_layer  # FastV's K; num_hidden_layers without FastV
-        shape = (batch_size, config.num_key_value_heads, None, config.head_dim)
+        B, H_kv, D = batch_size, config.num_key_value_heads, config.head_dim
         # Zeros, not empty memory: an empty slot is masked out, but 0 x NaN would still be NaN.
-        self.keys, self.values = [], []
-        for layer in range(config.num_hidden_layers):
-            capacity = capacities[self.group(layer)]
-            self.keys.append(torch.zeros(*shape[:2], capacity, shape[3], device=device, dtype=dtype))
-            self.values.append(torch.zeros_like(self.keys[-1]))
-        self.valid = [torch.zeros(batch_size, c, dtype=torch.bool, device=device) for c in capacities]
+        self.keys = [torch.zeros(B, H_kv, capacities[self.group(i)], D, device=device, dtype=dtype)
+                     for i in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.valid = [torch.zeros(B, c, dtype=torch.bool, device=device) for c in capacities]
         self.length = [torch.zeros(1, dtype=torch.long, device=device) for _ in capacities]
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.next_position = torch.zeros(B, dtype=torch.long, device=device)
         self.kept_image_tokens = None
         self.prefilled = False
 
@@ -713,7 +701,8 @@ class Llava(nn.Module):
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         x = self.embed(input_ids, pixel_values, pixel_values_videos)  # (B, T, C)
         cos, sin = self.rope(positions, x.dtype)
-        mask = causal_padding_mask(key_mask, T)
+        # Without padding SDPA's `is_causal` will do (mask None), and it picks its fastest kernel.
+        mask = None if bool(key_mask.all()) else visible_keys(key_mask, T)  # (B, 1, T, T)
         key_masks, kept_image_tokens = [key_mask], None  # per group of the cache's layers
         previous_queries = previous_keys = None  # the last layer's, after RoPE: FastV scores them
 
