@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minifastv.image import ImageProcessorConfig, load_image, preprocess  # noqa: E402
 from minifastv.checkpoint import DEFAULT_REPO, load, resolve_folder  # noqa: E402
+from minifastv.generation import generate  # noqa: E402
 from minifastv.model import FastV  # noqa: E402
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt  # noqa: E402
 
@@ -75,7 +76,7 @@ def image_files(folder):
 
 def answer(model, tokenizer, input_ids, pixel_values, fastv, max_new_tokens):
     """The greedy answer, as text."""
-    ids = model.generate(input_ids, pixel_values, max_new_tokens=max_new_tokens, fastv=fastv)
+    ids = generate(model, input_ids, pixel_values, max_new_tokens=max_new_tokens, fastv=fastv)
     return tokenizer.decode(ids[0].tolist()).strip()
 
 

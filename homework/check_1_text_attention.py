@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import minifastv
 import minifastv.model as M
 
 # tiny: a pytest fixture
@@ -89,11 +90,12 @@ def cases(tiny, num_images, pad):
                          [(2, 0.5, 1, 1), (1, 0.75, 2, 2), (3, 0.25, 2, 3)])
 def test_keeps_the_requested_number_of_distinct_tokens(tiny, rule, k, r, num_images, batch_size):
     ids, mask, pixels = tiny.case(num_images, batch_size)
-    cache = M.KVCache(len(tiny.ours.language_model.layers))
+    fastv = M.FastV(k, r, rule=RULES[rule])
+    cache = tiny.ours.new_cache(ids, fastv)  # after the prefill, it knows which tokens were kept
     # FastV itself checks the rule's answer (shape, distinct, in range) with a clear ValueError
     with torch.no_grad():
-        tiny.ours(ids, pixels, attention_mask=mask, cache=cache,
-                  fastv=M.FastV(k, r, rule=RULES[rule]), last_logits_only=True)
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=fastv,
+                  last_logits_only=True)
     assert tuple(cache.kept_image_tokens.shape) == (
         batch_size, round(num_images * tiny.tokens_per_image * (1 - r))
     )
@@ -137,6 +139,6 @@ def test_differs_from_the_last_token_rule(tiny, rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_generates_end_to_end(tiny, rule):
     ids, mask, pixels = tiny.case(1, 2)
-    tokens = tiny.ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=4,
+    tokens = minifastv.generate(tiny.ours, ids, pixels, attention_mask=mask, max_new_tokens=4,
                                 fastv=M.FastV(2, 0.5, rule=RULES[rule]), eos_token_id=-1)
     assert tokens.shape == (2, 4)

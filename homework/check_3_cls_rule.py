@@ -39,10 +39,11 @@ def reference_scores(tiny, pixels, batch_size):
 
 
 def kept_by(tiny, rule, ids, mask, pixels, k, r):
-    cache = M.KVCache(len(tiny.ours.language_model.layers))
+    fastv = M.FastV(k, r, rule=rule)
+    cache = tiny.ours.new_cache(ids, fastv)  # after the prefill, it knows which tokens were kept
     # FastV checks the rule's answer (shape, distinct, in range) and says what is wrong
     with torch.no_grad():
-        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(k, r, rule=rule),
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=fastv,
                   last_logits_only=True)
     return cache.kept_image_tokens  # (B, num_keep), sorted
 
@@ -108,8 +109,8 @@ def test_generates_end_to_end(tiny):
     ids, mask, pixels = tiny.case(2, 2)
     fastv = M.FastV(2, 0.5, rule=make_cls_rule(tiny.ours, pixels))
     stats = minifastv.GenerationStats()
-    tokens = tiny.ours.generate(ids, pixels, attention_mask=mask, max_new_tokens=4, fastv=fastv,
-                                stats=stats, eos_token_id=-1)
+    tokens = minifastv.generate(tiny.ours, ids, pixels, attention_mask=mask, max_new_tokens=4,
+                                fastv=fastv, stats=stats, eos_token_id=-1)
     assert tokens.shape == (2, 4)
     scores = reference_scores(tiny, pixels, 2)
     assert not any(top_k_mistake(kept, row) for kept, row in zip(stats.kept_image_tokens, scores))

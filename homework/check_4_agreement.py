@@ -91,7 +91,8 @@ def answers(checkpoint, images, prompt, fastv, max_new_tokens):
     for image in images:
         pixels = preprocess([image], ImageProcessorConfig.from_folder(checkpoint))
         found.append(tokenizer.decode(
-            model.generate(ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv)[0].tolist()
+            minifastv.generate(model, ids, pixels, max_new_tokens=max_new_tokens,
+                               fastv=fastv)[0].tolist()
         ).strip())
     return found
 

@@ -35,9 +35,10 @@ def run(tiny, num_images, batch_size, r):
         captured["num_keep"] = inputs.num_keep
         return row_balanced_rule(inputs)
 
-    cache = M.KVCache(len(tiny.ours.language_model.layers))
+    fastv = M.FastV(2, r, rule=spy)
+    cache = tiny.ours.new_cache(ids, fastv)  # after the prefill, it knows which tokens were kept
     with torch.no_grad():
-        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=M.FastV(2, r, rule=spy),
+        tiny.ours(ids, pixels, attention_mask=mask, cache=cache, fastv=fastv,
                   last_logits_only=True)
     return cache.kept_image_tokens, captured["scores"], captured["num_keep"]
 

@@ -32,10 +32,12 @@ def pyramid_forward(model, input_ids, pixel_values, schedule):
     Llava.forward in minifastv/model.py is your model; its FastV block is the one stage you repeat:
       - x = model.embed(input_ids, pixel_values): the token embeddings with the image features
         in, (B, T, C)
-      - positions 0 .. T-1 for every prompt; cos, sin = model.rope(positions, x.dtype)
+      - positions (B, T): 0 .. T-1 for every prompt; cos, sin = model.rope(positions, x.dtype)
       - for index, layer in enumerate(model.language_model.layers):
             (prune here when index is the k of a stage)
             x, (queries, keys) = layer(x, cos, sin, None)
+        (a layer returns its output and its queries (B, H, T, D) and keys (B, H_kv, T, D),
+        RoPE applied)
       - attention_rows(queries, keys, key_mask)[:, :, -1] is the last token's attention row,
         (B, H, T), from the queries and keys of the layer just run (key_mask: all ones, nothing is
         padded)
