@@ -695,8 +695,10 @@ class Llava(nn.Module):
         if prunes and len(set(visual_counts)) > 1:
             raise SettingsError("FastV needs the same number of image tokens in every prompt of a "
                                 f"batch, got {visual_counts}.")
-        if cache is not None and cache.prefilled:
-            raise SettingsError("This KVCache holds a prefill already: make a new one.")
+        if cache is not None and (cache.prefilled or cache.first_pruned_layer != (
+                fastv.k if prunes else len(self.language_model.layers))):
+            raise SettingsError("A KVCache holds one prefill, with the FastV settings it was made "
+                                "for: make one with model.new_cache(input_ids, fastv).")
         # Each token's position among the real (unpadded) tokens; padding gets 0. FastV keeps it.
         positions = (key_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         x = self.embed(input_ids, pixel_values, pixel_values_videos)  # (B, T, C)

@@ -21,7 +21,7 @@ import torch
 
 from conftest import PAD_TOKEN, image_prompt, left_pad, random_pixels
 
-from minifastv import load
+from minifastv import generate, load
 
 DEVICE = "cuda"
 TOKENS_PER_IMAGE = 36
@@ -201,8 +201,9 @@ def test_greedy_generate(pair, exact_model, batch):
     hf_error = (hf_logits(hf, ids, px, mask) - hf_logits(exact_model, ids, px, mask))[real].abs().max().item()
     tie = 2 * hf_error
 
-    tokens = ours.generate(ids.to(DEVICE), px.to(DEVICE), attention_mask=None if mask is None else mask.to(DEVICE),
-                           max_new_tokens=20, eos_token_id=NO_EOS).cpu()
+    tokens = generate(ours, ids.to(DEVICE), px.to(DEVICE),
+                      attention_mask=None if mask is None else mask.to(DEVICE),
+                      max_new_tokens=20, eos_token_id=NO_EOS).cpu()
     assert tokens.shape == (ids.shape[0], 20)
     expected, margins = hf_greedy(hf, ids, px, mask)
     assert_same_greedy(tokens, expected, margins, tie)
@@ -217,34 +218,65 @@ def test_greedy_generate(pair, exact_model, batch):
 
 
 @pytest.mark.parametrize("fastv", [None, (2, 0.5)], ids=["no FastV", "FastV K=2 R=0.5"])
-def test_compiled_gives_the_eager_tokens_on_cuda(hub_checkpoint, fastv, fresh_compiler):
-    """float32 (TF32 off): the compiled path, CUDA graph included, gives the eager path's greedy tokens."""
+def test_compiled_gives_the_eager_tokens_on_cuda(hub_checkpoint, fastv, fresh_compiler, monkeypatch):
+    """float32 (TF32 off): the compiled path, CUDA graph included, gives the eager path's greedy
+    tokens; then, on the same recorded graph and cache buffers, another prompt of the same cache
+    shape, and the decode step's logits token by token."""
     import minifastv
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     eager = load(str(hub_checkpoint), device=DEVICE, dtype=torch.float32, progress=False)
-    compiled = minifastv.compile_model(load(str(hub_checkpoint), device=DEVICE, dtype=torch.float32, progress=False))
+    compiled = minifastv.compile_model(
+        load(str(hub_checkpoint), device=DEVICE, dtype=torch.float32, progress=False))
+    fastv = None if fastv is None else minifastv.FastV(*fastv)
     ids, mask, pixels = padded_batch()
-    options = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=NO_EOS,
-                   fastv=None if fastv is None else minifastv.FastV(*fastv))
-    expected = eager.generate(ids, pixels, **options)
+    options = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=NO_EOS, fastv=fastv)
+    expected = generate(eager, ids, pixels, **options)
     for _ in range(2):  # the second run replays the recorded CUDA graph
-        assert torch.equal(compiled.generate(ids, pixels, **options), expected)
+        assert torch.equal(generate(compiled, ids, pixels, **options), expected)
+    # Another, shorter prompt: the same 256-slot cache buffers, the same graph, its stale slots
+    # masked out.
+    other_ids, other_mask = left_pad([image_prompt(1, TOKENS_PER_IMAGE, text_before=1, seed=7),
+                                      image_prompt(1, TOKENS_PER_IMAGE, text_before=3, seed=8)])
+    other = dict(options, attention_mask=other_mask)
+    assert torch.equal(generate(compiled, other_ids, pixels, **other),
+                       generate(eager, other_ids, pixels, **other))
+    # The replayed graph's logits, step by step, against eager's decode step.
+    with torch.inference_mode():
+        caches = [model.new_cache(ids, fastv, room=12) for model in (eager, compiled)]
+        for model, cache in zip((eager, compiled), caches):
+            model(ids, pixels, attention_mask=mask, cache=cache, fastv=fastv, last_logits_only=True)
+        for token in (5, 17, 300, 2000, 31000, 7):
+            token = torch.full((ids.shape[0],), token, device=DEVICE)
+            want = eager.decode_step(token, caches[0])
+            torch.compiler.cudagraph_mark_step_begin()
+            got = compiled.decode_step(token, caches[1]).clone()  # the next replay overwrites it
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fastv_step_never_synchronizes_on_cuda(hub_checkpoint):
-    """From the first decoder layer to the last, FastV's step included, nothing makes the host wait for the GPU:
-    torch.cuda's sync debug mode turns any synchronizing call there into an error."""
+def test_fastv_step_and_decode_step_never_synchronize_on_cuda(hub_checkpoint):
+    """From the first decoder layer to the last, FastV's step included, and in the decode step,
+    nothing makes the host wait for the GPU: torch.cuda's sync debug mode turns any synchronizing
+    call there into an error."""
     import minifastv
 
     model = load(str(hub_checkpoint), device=DEVICE, dtype=torch.float16, progress=False)
     ids, mask, pixels = padded_batch()
+    fastv = minifastv.FastV(2, 0.5)
     layers = model.language_model.layers
-    start = layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+    start = layers[0].register_forward_pre_hook(
+        lambda *_: torch.cuda.set_sync_debug_mode("error"))
     stop = layers[-1].register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default"))
     try:
         with torch.inference_mode():
-            model(ids, pixels, attention_mask=mask, fastv=minifastv.FastV(2, 0.5), cache=model.new_cache())
+            cache = model.new_cache(ids, fastv, room=3)
+            model(ids, pixels, attention_mask=mask, fastv=fastv, cache=cache)
+            start.remove()
+            stop.remove()
+            tokens = [torch.full((ids.shape[0],), token, device=DEVICE) for token in (5, 17, 300)]
+            torch.cuda.set_sync_debug_mode("error")
+            for token in tokens:
+                model.decode_step(token, cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         start.remove()
@@ -252,22 +284,18 @@ def test_fastv_step_never_synchronizes_on_cuda(hub_checkpoint):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading through pinned staging buffers and reader streams; the bench's GPU-busy measure
+# Loading onto the GPU; the bench's GPU-busy measure
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_loading_onto_the_gpu_gives_the_files_bytes(hub_checkpoint, monkeypatch, dtype):
-    """Every tensor through the pinned buffers, on reader threads with their own streams, then cast on the GPU: the
-    same values as the CPU load. Tiny buffers (4 KiB) make every tensor take many chunks, and three threads share them."""
-    import minifastv.checkpoint as checkpoint
-
+def test_loading_onto_the_gpu_gives_every_tensor_of_the_cpu_load(hub_checkpoint, dtype):
+    """load(device="cuda") gives every tensor of load(device="cpu") at that dtype, on the GPU and
+    with the same values, bit for bit."""
     expected = load(str(hub_checkpoint), device="cpu", dtype=dtype, progress=False).state_dict()
-    monkeypatch.setattr(checkpoint, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(checkpoint, "READERS", 3)
     loaded = load(str(hub_checkpoint), device=DEVICE, dtype=dtype, progress=False).state_dict()
     assert loaded.keys() == expected.keys()
     for name, tensor in loaded.items():
-        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype, name
+        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype == dtype, name
         assert torch.equal(tensor.cpu(), expected[name]), name
 
 
