@@ -2,9 +2,10 @@
 
     python -m minifastv.analyze --image photo.jpg --prompt "What is on the table?"
 
-1. Generate an answer, then run the decoder once over prompt + answer and, per layer, split the
-   answer tokens' attention over four classes of tokens: the allocation table, a stacked-bar chart,
-   and the full attention map of a few layers (log scale), one layer at a time.
+1. Generate an answer, then run the model once over prompt + answer and, after each decoder layer
+   (the model's `observe` hook), split the answer tokens' attention over four classes of tokens:
+   the allocation table, a stacked-bar chart, and the full attention map of a few layers (log
+   scale), one layer at a time.
 2. Prune with FastV (K, R) under several rules and dim the dropped patches over the image.
 """
 
@@ -21,29 +22,30 @@ from . import cli
 from .errors import UsageError
 from .generation import generate
 from .image import ImageProcessorConfig
-from .model import FastV, attention_rows, causal_padding_mask, fastv_rule, visual_layout
+from .model import FastV, attention_rows, fastv_rule, visual_layout
 from .rules import grid_rule, no_rope_rule, random_rule
 
-# The paper's four token classes. llava-hf's template has no system prompt, so "system" is what comes
-# before the first image: <s> and "USER: ", 5 tokens (<s> ▁US ER : ▁); the paper's template also had
-# "A chat between a curious human and an artificial intelligence assistant..." there.
-CLASSES = ("system", "image", "instruction", "output")
-CLASS_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))  # blue, orange, green, red
+# The paper's four token classes. llava-hf's template has no system prompt, so "system" is what
+# comes before the first image: <s> and "USER: ", 5 tokens (<s> ▁US ER : ▁); the paper's template
+# also had "A chat between a curious human and an artificial intelligence assistant..." there.
+CLASSES = ("system", "image", "instruction", "output")  # drawn blue, orange, green, red:
+CLASS_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 RULES = (fastv_rule, no_rope_rule, random_rule, grid_rule)
 FONT = ImageFont.load_default(size=14)
 HEATMAP_SIZE = 512  # pixels per heatmap: longer sequences are average-pooled down to this
 DIM = 0.3  # a pruned patch keeps 30% of its brightness
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 1. Attention allocation: the answer tokens' attention rows only, one layer at a time.
 
 
 def token_classes(input_ids, visual_token_ids, num_output):
     """The class of every token of prompt + answer: (T,) indices into CLASSES.
 
-    system: every token before the first image. image: every <image> token, and every <video> token of
-    Video-LLaVA (visual_token_ids: the one id or both; FastV prunes them as one pool). instruction: the other
-    prompt tokens after the first image, "ASSISTANT:" included. output: the last num_output tokens.
+    system: every token before the first image. image: every <image> token, and every <video>
+    token of Video-LLaVA (visual_token_ids: the one id or both; FastV prunes them as one pool).
+    instruction: the other prompt tokens after the first image, "ASSISTANT:" included. output: the
+    last num_output tokens.
     """
     ids = input_ids.reshape(-1).cpu()  # one sequence
     is_image = torch.isin(ids, torch.tensor(visual_token_ids).reshape(-1))
@@ -57,19 +59,21 @@ def token_classes(input_ids, visual_token_ids, num_output):
 
 
 def mean_attention_matrix(queries, keys):
-    """One layer's full causal attention, mean over heads: (T, T) float32. For a heatmap, one head at a time."""
+    """One layer's full causal attention, mean over heads: (T, T) float32. For a heatmap, one head
+    at a time."""
     T, group = queries.shape[2], queries.shape[1] // keys.shape[1]  # query heads per key head (GQA)
     every_token = torch.ones(1, T, dtype=torch.long, device=queries.device)  # no padding
     total = torch.zeros(T, T, device=queries.device)
     for head in range(queries.shape[1]):
         head_keys = keys[:, head // group : head // group + 1]  # (1, 1, T, D): this head's keys
-        total += attention_rows(queries[:, head : head + 1], head_keys, every_token, num_rows=T)[0, 0]
+        rows = attention_rows(queries[:, head : head + 1], head_keys, every_token, num_rows=T)
+        total += rows[0, 0]  # (T, T)
     return total / queries.shape[1]
 
 
 @dataclass
 class AttentionAllocation:
-    allocation: torch.Tensor  # (L, 4): share of the output tokens' attention on each class; each row sums to 1
+    allocation: torch.Tensor  # (L, 4): output tokens' attention share per class; rows sum to 1
     class_sizes: torch.Tensor  # (4,): how many tokens each class holds
     heatmaps: dict  # {layer: PIL image of that layer's T x T attention}
 
@@ -79,52 +83,53 @@ class AttentionAllocation:
 
 
 @torch.inference_mode()
-def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_layers=(), pixel_values_videos=None):
-    """Run the decoder once over prompt + answer (1, T); per layer, keep only the four class shares.
-
-    The same steps as Llava.forward, without cache or FastV: embed, rotary angles, mask, layers.
-    """
-    classes = token_classes(input_ids, [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None],
-                            num_output).to(model.device)
+def attention_allocation(model, input_ids, pixel_values, num_output, heatmap_layers=(),
+                         pixel_values_videos=None):
+    """One prefill over prompt + answer (1, T), without FastV; after each decoder layer (the model's
+    `observe` hook), keep only the four class shares, and the heatmaps of heatmap_layers."""
+    config = model.config
+    visual_ids = [i for i in (config.image_token_id, config.video_token_id) if i is not None]
+    classes = token_classes(input_ids, visual_ids, num_output).to(model.device)  # (T,)
     one_hot = F.one_hot(classes, len(CLASSES)).float()  # (T, 4)
-    input_ids = input_ids.to(model.device)
-    x = model.embed(input_ids, pixel_values, pixel_values_videos)  # (1, T, C)
-    positions = torch.arange(input_ids.shape[1], device=model.device)[None]  # (1, T): no padding
-    cos, sin = model.rope(positions, x.dtype)  # (1, 1, T, D)
-    mask = causal_padding_mask(torch.ones_like(input_ids), input_ids.shape[1])  # None: plain causal
     shares, heatmaps = [], {}
-    for index, layer in enumerate(model.language_model.layers):
-        x, (queries, keys) = layer(x, cos, sin, mask)  # (1, H, T, D), (1, H_kv, T, D), after RoPE
-        rows = attention_rows(queries, keys, input_ids.new_ones(input_ids.shape), num_output)  # (1, H, n_out, T)
-        shares.append((rows @ one_hot).mean(dim=(0, 1, 2)).cpu())  # (4,): mean over heads and output tokens
-        if index in heatmap_layers:  # this layer's T x T lives only until its picture is drawn
-            heatmaps[index] = attention_heatmap(mean_attention_matrix(queries, keys).cpu(), classes.cpu())
+
+    def observe(view):  # a LayerView: queries (1, H, T, D) and keys (1, H_kv, T, D) after RoPE
+        rows = attention_rows(view.queries, view.keys, view.attention_mask, num_output)
+        shares.append((rows @ one_hot).mean(dim=(0, 1, 2)).cpu())  # (1, H, n_out, 4) -> (4,)
+        if view.index in heatmap_layers:  # this layer's T x T lives only until its picture is drawn
+            matrix = mean_attention_matrix(view.queries, view.keys).cpu()  # (T, T)
+            heatmaps[view.index] = attention_heatmap(matrix, classes.cpu())
+
+    model(input_ids, pixel_values, pixel_values_videos, last_logits_only=True, observe=observe)
     return AttentionAllocation(torch.stack(shares), one_hot.sum(dim=0).cpu(), heatmaps)
 
 
 def allocation_table(result):
-    """One line per layer: the four allocations, then the four efficiencies (attention per token)."""
+    """One line per layer: the four allocations, then the four efficiencies (per token)."""
     names = " ".join(f"{name:>11}" for name in CLASSES)
     rows = [f"layer {names} | efficiency: {names}"]
-    for layer, (shares, per_token) in enumerate(zip(result.allocation.tolist(), result.efficiency.tolist())):
+    per_layer = zip(result.allocation.tolist(), result.efficiency.tolist())
+    for layer, (shares, per_token) in enumerate(per_layer):
         allocation = " ".join(f"{share:>11.4f}" for share in shares)
         efficiency = " ".join(f"{value:>11.2e}" for value in per_token)
         rows.append(f"{layer:>5} {allocation} | {'':>11} {efficiency}")
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Pictures, with Pillow alone.
 
 
 def pil_image(rgb):
     """(H, W, 3) uint8 tensor -> PIL RGB image."""
-    return Image.frombytes("RGB", (rgb.shape[1], rgb.shape[0]), bytes(rgb.contiguous().flatten().tolist()))
+    data = bytes(rgb.contiguous().flatten().tolist())
+    return Image.frombytes("RGB", (rgb.shape[1], rgb.shape[0]), data)
 
 
 def colormap(level):
     """Levels in [0, 1] -> (..., 3) uint8 colors, dark purple to yellow (viridis, five anchors)."""
-    anchors = torch.tensor([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]).float()
+    anchors = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+    anchors = torch.tensor(anchors).float()
     position = level.clamp(0, 1) * (len(anchors) - 1)
     low = position.floor().long().clamp(max=len(anchors) - 2)
     fraction = (position - low)[..., None]
@@ -132,20 +137,23 @@ def colormap(level):
 
 
 def attention_heatmap(attention, classes, size=HEATMAP_SIZE):
-    """A (T, T) attention matrix as a picture: log10 from 1e-4 (dark) to 1 (yellow), future keys white.
+    """A (T, T) attention matrix as a picture: log10 from 1e-4 (dark) to 1 (yellow), future keys
+    white.
 
     Colored strips on the top and left edges show each token's class (the bar chart's colors).
     """
     visible = torch.ones_like(attention).tril()  # 1 where a query may look
     if attention.shape[0] > size:  # average-pool a long sequence down to size x size
-        attention, visible = (F.adaptive_avg_pool2d(m[None, None], size)[0, 0] for m in (attention, visible))
+        attention, visible = (F.adaptive_avg_pool2d(m[None, None], size)[0, 0]
+                              for m in (attention, visible))
     rgb = colormap((attention.clamp(min=1e-4).log10() + 4) / 4)  # (t, t, 3)
     rgb[visible == 0] = 255
-    strip = pil_image(torch.tensor(CLASS_COLORS, dtype=torch.uint8)[classes][None])  # (1, T) of class colors
+    strip = pil_image(torch.tensor(CLASS_COLORS, dtype=torch.uint8)[classes][None])  # (1, T) colors
+    strip = strip.resize((size, 6), Image.NEAREST)
     panel = Image.new("RGB", (size + 8, size + 8), "white")
     panel.paste(pil_image(rgb).resize((size, size), Image.NEAREST), (8, 8))
-    panel.paste(strip.resize((size, 6), Image.NEAREST), (8, 0))
-    panel.paste(strip.resize((size, 6), Image.NEAREST).transpose(Image.Transpose.ROTATE_270), (0, 8))
+    panel.paste(strip, (8, 0))
+    panel.paste(strip.transpose(Image.Transpose.ROTATE_270), (0, 8))
     return panel
 
 
@@ -158,34 +166,38 @@ def legend(draw, x, y, across=False):
 
 
 def heatmaps_figure(heatmaps, columns=3):
-    """The heatmap panels of `heatmaps` ({layer: panel}) in a grid, titled, with a color scale and legend."""
+    """The heatmap panels of `heatmaps` ({layer: panel}) in a grid, titled, with a color scale and a
+    legend."""
     side = max(panel.width for panel in heatmaps.values())
     rows = -(-len(heatmaps) // columns)
     width, height = 20 + min(columns, len(heatmaps)) * (side + 20), 40 + rows * (side + 30) + 90
     figure = Image.new("RGB", (max(width, 560), height), "white")
     draw = ImageDraw.Draw(figure)
-    draw.text((20, 10), "Attention of each token (row) to earlier tokens (column), mean over heads", fill="black", font=FONT)
+    title = "Attention of each token (row) to earlier tokens (column), mean over heads"
+    draw.text((20, 10), title, fill="black", font=FONT)
     for number, (layer, panel) in enumerate(sorted(heatmaps.items())):
         x, y = 20 + number % columns * (side + 20), 40 + number // columns * (side + 30)
         draw.text((x, y), f"layer {layer}", fill="black", font=FONT)
         figure.paste(panel, (x, y + 20))
     scale_y = height - 80
-    figure.paste(pil_image(colormap(torch.linspace(0, 1, 200))[None].expand(16, -1, -1)), (20, scale_y))
+    scale = colormap(torch.linspace(0, 1, 200))[None].expand(16, -1, -1)  # (16, 200, 3)
+    figure.paste(pil_image(scale), (20, scale_y))
     for label, x in (("1e-4", 20), ("1e-2", 120), ("1", 220)):
         draw.text((x, scale_y + 20), label, fill="black", font=FONT, anchor="mt")
     draw.text((240, scale_y), "attention (log scale); white: future", fill="black", font=FONT)
-    legend(draw, 20, scale_y + 40, across=True)  # the class of each row and column, on the panels' edges
+    legend(draw, 20, scale_y + 40, across=True)  # the classes drawn on the panels' edges
     return figure
 
 
 def allocation_chart(allocation):
-    """Stacked bars, one per layer: how the output tokens' attention splits over the four classes."""
+    """Stacked bars, one per layer: how the output tokens' attention splits over the four
+    classes."""
     num_layers = allocation.shape[0]
     step = max(10, min(28, 720 // num_layers))  # pixels per bar
     left, top, plot_height = 70, 40, 300
     plot_width = step * num_layers
     title = "Where the output tokens' attention goes, per layer"
-    width = max(left + plot_width + 160, int(FONT.getlength(title)) + 20)  # room for the legend and the title
+    width = max(left + plot_width + 160, int(FONT.getlength(title)) + 20)  # room: legend, title
     chart = Image.new("RGB", (width, top + plot_height + 60), "white")
     draw = ImageDraw.Draw(chart)
     draw.text((10, 10), title, fill="black", font=FONT)
@@ -201,9 +213,11 @@ def allocation_chart(allocation):
             draw.rectangle((x, y - share * plot_height, x + step - 3, y), fill=color)
             y -= share * plot_height
         if layer % label_every == 0:
-            draw.text((x + step / 2 - 1, bottom + 5), str(layer), fill="black", font=FONT, anchor="mt")
+            draw.text((x + step / 2 - 1, bottom + 5), str(layer), fill="black", font=FONT,
+                      anchor="mt")
     draw.line((left, top, left, bottom, left + plot_width, bottom), fill="black")
-    draw.text((left + plot_width / 2, bottom + 28), "decoder layer", fill="black", font=FONT, anchor="mt")
+    draw.text((left + plot_width / 2, bottom + 28), "decoder layer", fill="black", font=FONT,
+              anchor="mt")
     y_label = Image.new("RGB", (170, 18), "white")
     ImageDraw.Draw(y_label).text((0, 0), "share of attention", fill="black", font=FONT)
     chart.paste(y_label.rotate(90, expand=True), (4, top + plot_height // 2 - 85))
@@ -211,15 +225,17 @@ def allocation_chart(allocation):
     return chart
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # 2. Kept patches: which image tokens survive FastV's layer K, drawn over the image.
 
 
 def preprocessed_image(pixels, image_config):
-    """One (3, H, W) pixel_values image back to the PIL image the model saw: normalization undone."""
+    """One (3, H, W) pixel_values image back to the PIL image the model saw: normalization
+    undone."""
     pixels = pixels.float().cpu()
     if image_config.do_normalize:
-        mean, std = (torch.tensor(values).view(3, 1, 1) for values in (image_config.image_mean, image_config.image_std))
+        mean, std = (torch.tensor(values).view(3, 1, 1)
+                     for values in (image_config.image_mean, image_config.image_std))
         pixels = pixels * std + mean
     if image_config.do_rescale:
         pixels = pixels / image_config.rescale_factor
@@ -228,23 +244,22 @@ def preprocessed_image(pixels, image_config):
 
 @torch.inference_mode()
 def kept_image_tokens(model, input_ids, pixel_values, fastv, pixel_values_videos=None):
-    """(N_kept,) indices into the prompt's image (and video) tokens that FastV keeps, sorted: a prefill, no cache."""
-    chosen = []
-
-    def remember(inputs):  # the rule's answer, on its way to the FastV step
-        chosen.append(fastv.rule(inputs))
-        return chosen[-1]
-
-    model(input_ids, pixel_values, pixel_values_videos, fastv=FastV(fastv.k, fastv.r, rule=remember), last_logits_only=True)
-    return chosen[0][0].sort().values.cpu()
+    """(N_kept,) indices into the prompt's image (and video) tokens that FastV keeps, sorted: one
+    prefill into a KV cache, which records them."""
+    cache = model.new_cache(input_ids, fastv)
+    model(input_ids, pixel_values, pixel_values_videos, cache=cache, fastv=fastv,
+          last_logits_only=True)
+    return cache.kept_image_tokens[0].cpu()
 
 
 def kept_patch_grids(kept, input_ids, config):
-    """(pictures, grid, grid) bool, True where a patch's token was kept: the images, then every video frame."""
+    """(pictures, grid, grid) bool, True where a patch's token was kept: the images, then every
+    video frame."""
     visual_ids = input_ids.reshape(-1)[config.is_visual(input_ids.reshape(-1))]
-    is_video, frame, patch = (part[0] for part in visual_layout(visual_ids[None].cpu(), config))  # (N,) each
+    layout = visual_layout(visual_ids[None].cpu(), config)
+    is_video, frame, patch = (part[0] for part in layout)  # (N,) each
     num_images = int((~is_video).sum()) // config.image_tokens_per_image
-    picture = torch.where(is_video, num_images + frame, frame)  # images first, then the frames in order
+    picture = torch.where(is_video, num_images + frame, frame)  # the images, then the frames
     grid = config.vision.grid_size
     is_kept = torch.zeros(int(picture.max()) + 1, grid * grid, dtype=torch.bool)
     kept = kept[patch[kept] >= 0]  # a CLS token stands for no patch
@@ -253,7 +268,8 @@ def kept_patch_grids(kept, input_ids, config):
 
 
 def kept_patches_panel(image, is_kept):
-    """The image with its patch grid drawn over it and the pruned patches dimmed to DIM brightness."""
+    """The image with its patch grid drawn over it and the pruned patches dimmed to DIM
+    brightness."""
     grid_size = is_kept.shape[0]
     patch = image.width // grid_size
     pruned = Image.new("L", image.size, 0)  # 255 over the pruned patches
@@ -268,21 +284,25 @@ def kept_patches_panel(image, is_kept):
     return panel
 
 
-def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES, pixel_values_videos=None):
-    """One column per rule, one row per image and video frame: the patches FastV(k, r, rule) keeps, the pruned
-    ones dimmed."""
+def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES,
+                        pixel_values_videos=None):
+    """One column per rule, one row per image and video frame: the patches FastV(k, r, rule) keeps,
+    the pruned ones dimmed."""
     pictures = [] if pixel_values is None else list(pixel_values)
-    pictures += [] if pixel_values_videos is None else list(pixel_values_videos.flatten(0, 1))  # every frame
+    if pixel_values_videos is not None:
+        pictures += list(pixel_values_videos.flatten(0, 1))  # every frame
     pictures = [preprocessed_image(pixels, image_config) for pixels in pictures]
     side = pictures[0].width
     num_image_tokens = int(model.config.is_visual(input_ids).sum())
     columns = []
     for rule in rules:
-        torch.manual_seed(0)  # random_rule draws from torch's global generator: the same picture every run
-        kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule), pixel_values_videos)
+        torch.manual_seed(0)  # random_rule draws from torch's global generator: the same each run
+        kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule),
+                                 pixel_values_videos)
         grids = kept_patch_grids(kept, input_ids, model.config)
         caption = f"{rule.__name__}\n{len(kept)}/{num_image_tokens} kept"
-        columns.append((caption, [kept_patches_panel(picture, grid) for picture, grid in zip(pictures, grids)]))
+        panels = [kept_patches_panel(picture, grid) for picture, grid in zip(pictures, grids)]
+        columns.append((caption, panels))
     title = f"FastV K={k}, R={r}: image tokens kept at layer {k} (pruned patches dimmed)"
     width = max(10 + len(rules) * (side + 10), int(FONT.getlength(title)) + 20)
     figure = Image.new("RGB", (width, 70 + len(pictures) * (side + 10)), "white")
@@ -296,7 +316,7 @@ def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rule
     return figure
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The command line.
 
 
@@ -307,19 +327,24 @@ def parse_args(argv):
     cli.add_question_arguments(parser, max_new_tokens=32)
     cli.add_fastv_arguments(parser)
     parser.add_argument("--heatmap-layers", default="0,1,2,15,31",
-                        help="layers whose full attention map to draw, clipped to the last layer (default %(default)s)")
-    parser.add_argument("--out", default="analysis", help="folder for the PNGs (default %(default)s/)")
+                        help="layers whose full attention map to draw, clipped to the last layer "
+                             "(default %(default)s)")
+    parser.add_argument("--out", default="analysis",
+                        help="folder for the PNGs (default %(default)s/)")
     return parser.parse_args(argv)
 
 
 def heatmap_layers(text, num_layers):
-    """The layers named by --heatmap-layers ("0,1,2,15,31"), each clipped to the model's last layer."""
+    """The layers named by --heatmap-layers ("0,1,2,15,31"), each clipped to the model's last
+    layer."""
     try:
         layers = [int(word) for word in text.split(",") if word.strip()]
     except ValueError:
-        raise UsageError(f"--heatmap-layers must be comma-separated layer numbers like 0,1,2,15,31, got {text!r}.") from None
+        raise UsageError("--heatmap-layers must be comma-separated layer numbers like 0,1,2,15,31, "
+                         f"got {text!r}.") from None
     if not layers or any(layer < 0 for layer in layers):
-        raise UsageError(f"--heatmap-layers must be one or more layer numbers >= 0, got {text!r}.")
+        raise UsageError("--heatmap-layers must be one or more layer numbers >= 0, "
+                         f"got {text!r}.")
     return {min(layer, num_layers - 1) for layer in layers}
 
 
@@ -328,7 +353,8 @@ def output_folder(path):
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"--out {path} cannot be a folder for the PNGs ({error.strerror}).") from None
+        raise UsageError(f"--out {path} cannot be a folder for the PNGs "
+                         f"({error.strerror}).") from None
     return Path(path)
 
 
@@ -339,17 +365,21 @@ def main(argv=None, out=None):
     layers = heatmap_layers(args.heatmap_layers, question.config.text.num_hidden_layers)
     out_folder = output_folder(args.out)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
-    input_ids, pixel_values, videos = question.input_ids, question.pixel_values, question.pixel_values_videos
-    answer = generate(model, input_ids, pixel_values, videos, max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
+    input_ids, pixel_values = question.input_ids, question.pixel_values
+    videos = question.pixel_values_videos
+    answer = generate(model, input_ids, pixel_values, videos,
+                      max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
     print(f"answer: {question.tokenizer.decode(answer[0].tolist()).strip()}", file=out)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
     result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers, videos)
     sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
     print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
     image_config = ImageProcessorConfig.from_folder(question.folder)
-    kept = kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r, pixel_values_videos=videos)
+    kept = kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r,
+                               pixel_values_videos=videos)
     pictures = {"attention_allocation.png": allocation_chart(result.allocation),
-                "attention_heatmaps.png": heatmaps_figure(result.heatmaps), "kept_patches.png": kept}
+                "attention_heatmaps.png": heatmaps_figure(result.heatmaps),
+                "kept_patches.png": kept}
     for name, picture in pictures.items():
         picture.save(out_folder / name)
         print(f"wrote {out_folder / name} ({picture.width} x {picture.height})", file=out)

@@ -1,24 +1,27 @@
 """Benchmark FastV on the machine at hand: python -m minifastv.bench
 
-For K=2 and R = 0, 0.25, 0.5, 0.75 against no FastV, each number the median of --repeats runs taken in
-turns (so that drift hits every setting alike, after a warm-up round), the device synchronized around
-each run:
+For K=2 and R = 0, 0.25, 0.5, 0.75 against no FastV, each number the median of --repeats runs taken
+in turns (so that drift hits every setting alike, after a warm-up round), the device synchronized
+around each run:
 - the prefill of one prompt (one image, or one video with --video), beside the speed-up its FLOPs
-  predict (exact count), the KV cache it leaves and, on CUDA, the peak GPU memory; the same prefill for a
-  batch of --batch prompts (default 8 on a GPU, none on the CPU);
+  predict (exact count), the KV cache it leaves and, on CUDA, the peak GPU memory; the same prefill
+  for a batch of --batch prompts (default 8 on a GPU, none on the CPU);
 - the cost of FastV's scoring step alone;
-- decode speed, greedy, without FastV and at R=0.5, against its floor: the weights one decode step reads
-  (the decoder's layers and lm_head) over the device's measured copy bandwidth;
-- on CUDA, the share of the time the GPU is busy during a prefill and during decoding (torch.profiler):
-  at batch 1 on a fast GPU, far below 1, the host's kernel launches are the bottleneck;
+- decode speed, greedy, without FastV and at R=0.5, against its floor: the weights one decode step
+  reads (the decoder's layers and lm_head) over the device's measured copy bandwidth;
+- on CUDA, the share of the time the GPU is busy during a prefill and during decoding
+  (torch.profiler): at batch 1 on a fast GPU, far below 1, the host's kernel launches are the
+  bottleneck;
 - the same weights through transformers (SDPA): prefill time and decode speed.
 
 The model: by default a random LLaVA-shaped one that fits a laptop (576 image tokens per image, a
 1024-wide 12-layer decoder, a small vision tower). `--model random-7b` or `random-13b` builds random
 weights (normal, std 0.02) in the real checkpoints' shapes directly on the device: a GPU benchmark
-without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time the
-load). `--json FILE` writes every number, for a script to read. `--compile` times the compiled path
-(minifastv/compiled.py) after warm-up runs that compile it; run the bench with and without it to compare.
+without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time
+the load). `--json FILE` writes every number, for a script to read; its tables are keyed by
+setting ("no_fastv", "K2_R0.5": cli.setting_name). `--compile` times the compiled path
+(minifastv/compiled.py) after warm-up runs that compile it; run the bench with and without it to
+compare.
 """
 
 import argparse
@@ -30,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -37,20 +41,23 @@ from . import cli
 from .checkpoint import config_by_name, file_name, read_config
 from .errors import UsageError
 from .flops import exact_prefill_flops
-from .generation import synchronize
+from .generation import generate, synchronize
 from .model import FastV, Llava, LlavaConfig, TextConfig, VisionConfig, attention_rows, fastv_rule
 
-RANDOM_MODELS = {"random-7b": "llava-1.5-7b", "random-13b": "llava-1.5-13b", "random-video-7b": "video-llava-7b"}
+RANDOM_MODELS = {"random-7b": "llava-1.5-7b", "random-13b": "llava-1.5-13b",
+                 "random-video-7b": "video-llava-7b"}
+RS = (0.0, 0.25, 0.5, 0.75)  # the shares of image tokens dropped, each timed against no FastV
 NEW_TOKENS = 16  # tokens generated to time the decode
 
 
 def random_model(config, device, dtype, std=0.02, seed=0):
-    """A Llava with random weights (normal, std) in the shapes of `config`, made on the device in the dtype: no
-    download, no disk, and no float32 copy of a 7B model on the way."""
+    """A Llava with random weights (normal, std) in the shapes of `config`, made on the device in
+    the dtype: no download, no disk, and no float32 copy of a 7B model on the way."""
     with torch.device("meta"):
         model = Llava(config)
     generator = torch.Generator(device=device).manual_seed(seed)
-    state = {name: torch.empty(tensor.shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+    state = {name: torch.empty(tensor.shape, device=device, dtype=dtype)
+             .normal_(0.0, std, generator=generator)
              for name, tensor in model.state_dict().items()}
     model.load_state_dict(state, assign=True)
     model.init_rope()
@@ -58,31 +65,37 @@ def random_model(config, device, dtype, std=0.02, seed=0):
 
 
 def random_llava(device, dtype, layers=12, width=1024, video=False):
-    """A LLaVA-shaped model with random weights: real image geometry, smaller widths. video=True: Video-LLaVA's
-    shape (224 px, two towers, 8 frames of 257 tokens)."""
+    """A LLaVA-shaped model with random weights: real image geometry, smaller widths. video=True:
+    Video-LLaVA's shape (224 px, two towers, 8 frames of 257 tokens)."""
     config = LlavaConfig(
-        text=TextConfig(vocab_size=32064, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
-                        num_attention_heads=max(1, width // 128), max_position_embeddings=4096, rms_norm_eps=1e-5),
-        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=224 if video else 336, patch_size=14),
+        text=TextConfig(vocab_size=32064, hidden_size=width, intermediate_size=width * 11 // 4,
+                        num_hidden_layers=layers, num_attention_heads=max(1, width // 128),
+                        max_position_embeddings=4096, rms_norm_eps=1e-5),
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                            num_attention_heads=4, image_size=224 if video else 336, patch_size=14),
         video_token_id=32001 if video else None, pad_token_id=32002 if video else 32001,
     )
     return random_model(config, device, dtype)
 
 
 def benchmark_prompt(config, num_text_tokens=40, video=False):
-    """A prompt laid out like LLaVA's: BOS, some text, one image's (or video's) tokens, the question; random words
-    of the vocabulary. Returns the ids (1, T) and the model's visual input, {"pixel_values": ...} or
-    {"pixel_values_videos": ...}."""
+    """A prompt laid out like LLaVA's: BOS, some text, one image's (or video's) tokens, the
+    question; random words of the vocabulary. Returns the ids (1, T) and the model's visual input,
+    {"pixel_values": ...} or {"pixel_values_videos": ...}."""
     generator = torch.Generator().manual_seed(0)
     special = (config.image_token_id, config.video_token_id, config.pad_token_id)
     words = torch.tensor([i for i in range(3, config.text.vocab_size) if i not in special])
-    before = words[torch.randint(len(words), (num_text_tokens // 2,), generator=generator)].tolist()
-    after = words[torch.randint(len(words), (num_text_tokens - num_text_tokens // 2 - 1,), generator=generator)].tolist()
+
+    def random_words(count):
+        return words[torch.randint(len(words), (count,), generator=generator)].tolist()
+
+    before = random_words(num_text_tokens // 2)
+    after = random_words(num_text_tokens - num_text_tokens // 2 - 1)
     size = config.vision.image_size
     if video:
         visual_ids = [config.video_token_id] * config.tokens_per_video
-        visual = {"pixel_values_videos": torch.randn(1, config.num_frames, 3, size, size, generator=generator)}
+        frames = torch.randn(1, config.num_frames, 3, size, size, generator=generator)
+        visual = {"pixel_values_videos": frames}
     else:
         visual_ids = [config.image_token_id] * config.image_tokens_per_image
         visual = {"pixel_values": torch.randn(1, 3, size, size, generator=generator)}
@@ -91,7 +104,8 @@ def benchmark_prompt(config, num_text_tokens=40, video=False):
 
 def batched(ids, visual, batch_size):
     """The same prompt `batch_size` times: (B, T) ids and the visual input repeated."""
-    return ids.expand(batch_size, -1), {name: pixels.repeat(batch_size, *[1] * (pixels.ndim - 1)) for name, pixels in visual.items()}
+    return ids.expand(batch_size, -1), {name: pixels.repeat(batch_size, *[1] * (pixels.ndim - 1))
+                                        for name, pixels in visual.items()}
 
 
 def timed(device, function):
@@ -105,14 +119,18 @@ def timed(device, function):
 
 @torch.inference_mode()
 def time_prefills(model, ids, visual, settings, repeats):
-    """Median prefill seconds per setting, and the KV-cache bytes it leaves; the settings take turns so that drift
-    hits all alike, after a warm-up round."""
+    """Median prefill seconds per setting, and the KV-cache bytes it leaves; the settings take turns
+    so that drift hits all alike, after a warm-up round."""
     times = {name: [] for name in settings}
     caches = {}
     for round_number in range(repeats + 1):
         for name, fastv in settings.items():
-            cache = model.new_cache()
-            seconds = timed(model.device, lambda: model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True))
+            cache = model.new_cache(ids, fastv)  # made before the clock starts
+
+            def prefill():
+                model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
+
+            seconds = timed(model.device, prefill)
             if round_number:
                 times[name].append(seconds)
             caches[name] = cache.nbytes()
@@ -121,60 +139,88 @@ def time_prefills(model, ids, visual, settings, repeats):
 
 @torch.inference_mode()
 def peak_prefill_memory(model, ids, visual, settings):
-    """Peak GPU bytes allocated during one prefill per setting (the weights included); None per setting off CUDA."""
+    """Peak GPU bytes allocated during one prefill per setting (the weights and the KV cache
+    included); None per setting off CUDA."""
     if model.device.type != "cuda":
         return {name: None for name in settings}
     peaks = {}
     for name, fastv in settings.items():
         torch.cuda.reset_peak_memory_stats(model.device)
-        model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+        cache = model.new_cache(ids, fastv)
+        model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
         peaks[name] = torch.cuda.max_memory_allocated(model.device)
     return peaks
 
 
 @torch.inference_mode()
-def time_scoring(model, ids, visual, k, repeats=50):
-    """Median seconds of FastV's scoring step alone: the last token's attention row and the top-k."""
-    captured = {}
+def scoring_step(model, ids, visual, k, r=0.5):
+    """FastV's scoring step alone, as a function to time: from layer k-1's queries and keys (taken
+    with the model's `observe` hook), the last token's attention row and fastv_rule's top-k."""
+    last_layer = []  # layer k-1's LayerView: the same with FastV or without, which starts at k
 
-    def spy(inputs):
-        captured["inputs"] = inputs
-        return fastv_rule(inputs)
+    def observe(view):
+        if view.index == k - 1:
+            last_layer.append(view)
 
-    model(ids, **visual, fastv=FastV(k, 0.5, rule=spy), last_logits_only=True)
-    inputs = captured["inputs"]
+    model(ids, **visual, last_logits_only=True, observe=observe)
+    view = last_layer[0]  # queries (1, H, T, D), keys (1, H_kv, T, D), after RoPE
+    image_positions = model.config.is_visual(ids[0]).nonzero()[:, 0][None].to(model.device)
+    num_keep = FastV(k, r).num_keep(image_positions.shape[1])  # image_positions: (1, N)
 
     def score():
-        row = attention_rows(inputs.queries, inputs.keys, inputs.attention_mask)[:, :, -1]
-        fastv_rule(dataclasses.replace(inputs, last_token_attention=row))
+        rows = attention_rows(view.queries, view.keys, view.attention_mask)  # (1, H, 1, T)
+        last_row = rows[:, :, -1]  # (1, H, T): the last token's
+        inputs = SimpleNamespace(last_token_attention=last_row, image_positions=image_positions,
+                                 num_keep=num_keep)  # the three PruningInputs fields it reads
+        return fastv_rule(inputs)  # (1, num_keep)
 
+    return score
+
+
+@torch.inference_mode()
+def time_scoring(model, ids, visual, k, repeats=50):
+    """Median seconds of FastV's scoring step alone (scoring_step)."""
+    score = scoring_step(model, ids, visual, k)
     return statistics.median(timed(model.device, score) for _ in range(repeats + 1))
 
 
-def decode_speed(device, generate):
-    """Decode tokens/s of `generate(n)`: the time of NEW_TOKENS tokens minus that of one, over NEW_TOKENS - 1 steps,
-    so that the prefill is not counted. minifastv and transformers are timed alike."""
-    one, many = timed(device, lambda: generate(1)), timed(device, lambda: generate(NEW_TOKENS))
+def decode_speed(device, generate_tokens):
+    """Decode tokens/s of `generate_tokens(n)`: the time of NEW_TOKENS tokens minus that of one,
+    over NEW_TOKENS - 1 steps, so that the prefill is not counted. minifastv and transformers are
+    timed alike."""
+    one = timed(device, lambda: generate_tokens(1))
+    many = timed(device, lambda: generate_tokens(NEW_TOKENS))
     return (NEW_TOKENS - 1) / max(many - one, 1e-9)
 
 
 @torch.inference_mode()
 def decode_speeds(model, ids, visual, settings, repeats):
-    """Median decode tokens/s per setting, greedy, the settings taking turns after a warm-up round."""
+    """Median decode tokens/s per setting, greedy, the settings taking turns after a warm-up
+    round."""
     speeds = {name: [] for name in settings}
     for round_number in range(repeats + 1):
         for name, fastv in settings.items():
-            speed = decode_speed(model.device, lambda n: model.generate(ids, **visual, max_new_tokens=n, fastv=fastv,
-                                                                        eos_token_id=-1))
+            def generate_tokens(n):
+                return generate(model, ids, **visual, max_new_tokens=n, fastv=fastv,
+                                eos_token_id=-1)
+
+            # A compiled model hands back the KV-cache buffers of its last two cache shapes
+            # (compiled.reusing_caches); a generation with another shape allocates a new cache and,
+            # on a GPU, records new CUDA graphs for its addresses. The settings take turns, so the
+            # timed pair must not be the first of this setting's shape: an untimed generation of
+            # the same setting brings its cache back first. (Eager, every generation allocates.)
+            generate_tokens(1)
+            speed = decode_speed(model.device, generate_tokens)
             if round_number:
                 speeds[name].append(speed)
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
 def device_busy(device, run):
-    """(busy, wall) seconds of `run()`: how long the GPU executed kernels and copies, from torch.profiler's trace,
-    and how long the run took. busy / wall near 1: the GPU is the bottleneck; far below: it waits for the host to
-    launch the next kernel (profiling slows the host a little, so the share comes out a little low). None off CUDA."""
+    """(busy, wall) seconds of `run()`: how long the GPU executed kernels and copies, from
+    torch.profiler's trace, and how long the run took. busy / wall near 1: the GPU is the
+    bottleneck; far below: it waits for the host to launch the next kernel (profiling slows the
+    host a little, so the share comes out a little low). None off CUDA."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -182,111 +228,138 @@ def device_busy(device, run):
 
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
         wall = timed(device, run)
-    busy = sum(event.time_range.elapsed_us() for event in trace.events() if event.device_type == DeviceType.CUDA) / 1e6
+    busy = sum(event.time_range.elapsed_us() for event in trace.events()
+               if event.device_type == DeviceType.CUDA) / 1e6
     return busy, wall
 
 
 @torch.inference_mode()
 def device_busy_shares(model, ids, visual, settings):
-    """Per setting, the share of the time the GPU is busy during a prefill and during the decode steps after it (a
-    generation's busy and wall time minus the prefill's); {} off CUDA."""
+    """Per setting, the share of the time the GPU is busy during a prefill and during the decode
+    steps after it (a generation's busy and wall time minus the prefill's); {} off CUDA."""
     if model.device.type != "cuda":
         return {}
     shares = {}
-    device_busy(model.device, lambda: model(ids, **visual, last_logits_only=True))  # the profiler's first start is slow
+    # the profiler's first start is slow
+    device_busy(model.device, lambda: model(ids, **visual, last_logits_only=True))
     for name, fastv in settings.items():
-        prefill = device_busy(model.device, lambda: model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True))
-        generation = device_busy(model.device, lambda: model.generate(ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv,
-                                                                       eos_token_id=-1))
+        # room: the generation's cache shape, whose buffers a compiled model hands back to it
+        cache = model.new_cache(ids, fastv, room=NEW_TOKENS)
+        prefill = device_busy(model.device, lambda: model(
+            ids, **visual, cache=cache, fastv=fastv, last_logits_only=True))
+        generation = device_busy(model.device, lambda: generate(
+            model, ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv, eos_token_id=-1))
         shares[f"prefill_{name}"] = prefill[0] / prefill[1]
         shares[f"decode_{name}"] = (generation[0] - prefill[0]) / (generation[1] - prefill[1])
     return shares
 
 
 def copy_bandwidth(device, repeats=5):
-    """Bytes per second the device moves in a tensor copy, counting each byte read and written: 1 GiB copied on a
-    GPU (less where less is free: a 7B model leaves a T4 about 1.5 GiB), 256 MiB on the CPU."""
+    """Bytes per second the device moves in a tensor copy, counting each byte read and written:
+    1 GiB copied on a GPU (less where less is free: a 7B model leaves a T4 about 1.5 GiB), 256 MiB
+    on the CPU."""
     megabytes = 256
-    if device.type == "cuda":
-        megabytes = min(1024, torch.cuda.mem_get_info(device)[0] // 4 // 2**20)  # two buffers, half the free memory
+    if device.type == "cuda":  # two buffers, half the free memory
+        megabytes = min(1024, torch.cuda.mem_get_info(device)[0] // 4 // 2**20)
     source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    seconds = statistics.median(timed(device, lambda: target.copy_(source)) for _ in range(repeats + 1))
+    seconds = statistics.median(timed(device, lambda: target.copy_(source))
+                                for _ in range(repeats + 1))
     return 2 * source.numel() / seconds
 
 
 def decode_step_bytes(model):
-    """The weight bytes one decode step reads: every decoder layer, the final norm and lm_head (the embedding table
-    gives one row; the vision tower and the projector do not run)."""
+    """The weight bytes one decode step reads: every decoder layer, the final norm and lm_head (the
+    embedding table gives one row; the vision tower and the projector do not run)."""
     parts = [model.language_model.layers, model.language_model.norm, model.lm_head]
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
 def transformers_twin(model, folder=None):
-    """transformers' LLaVA or Video-LLaVA (SDPA) with the same weights, dtype and device; None without transformers."""
+    """transformers' LLaVA or Video-LLaVA (SDPA) with the same weights, dtype and device; None
+    without transformers."""
     try:
         import transformers
     except ImportError:
         return None
     video = model.config.video_token_id is not None
-    model_class = transformers.VideoLlavaForConditionalGeneration if video else transformers.LlavaForConditionalGeneration
+    model_class = (transformers.VideoLlavaForConditionalGeneration if video
+                   else transformers.LlavaForConditionalGeneration)
     if folder is not None:  # a real checkpoint: transformers reads the same files
         return model_class.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
     config = model.config
     text = dataclasses.asdict(config.text)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
-    ids = dict(video_token_index=config.video_token_id, video_seq_length=config.tokens_per_video) if video else {}
+    ids = {}
+    if video:
+        ids = dict(video_token_index=config.video_token_id,
+                   video_seq_length=config.tokens_per_video)
     config_class = transformers.VideoLlavaConfig if video else transformers.LlavaConfig
     hf_config = config_class(
-        text_config=transformers.LlamaConfig(**text), vision_config=transformers.CLIPVisionConfig(**dataclasses.asdict(config.vision)),
+        text_config=transformers.LlamaConfig(**text),
+        vision_config=transformers.CLIPVisionConfig(**dataclasses.asdict(config.vision)),
         image_token_index=config.image_token_id, pad_token_id=config.pad_token_id, **ids,
-        vision_feature_layer=config.vision_feature_layer, vision_feature_select_strategy=config.vision_feature_select_strategy)
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy)
     with torch.device(model.device):  # built in the model's dtype, where the model is
         twin = model_class._from_config(hf_config, dtype=model.dtype)
     state = {file_name(name, "transformers"): tensor for name, tensor in model.state_dict().items()}
-    twin.load_state_dict(state, strict=True, assign=True)  # takes minifastv's tensors: its own copy is freed
+    # takes minifastv's tensors: its own copy is freed
+    twin.load_state_dict(state, strict=True, assign=True)
     return twin.eval()
 
 
 @torch.inference_mode()
 def compare_with_transformers(model, twin, ids, visual, repeats):
-    """Median prefill seconds and decode tokens/s of transformers on the same prompt, timed as minifastv's."""
+    """Median prefill seconds and decode tokens/s of transformers on the same prompt, timed as
+    minifastv's."""
     device = model.device
     visual = {name: pixels.to(device, model.dtype) for name, pixels in visual.items()}
     ids = ids.to(device)
 
-    def generate(n):
-        return twin.generate(input_ids=ids, **visual, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    def generate_tokens(n):
+        return twin.generate(input_ids=ids, **visual, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False)
 
     prefills, decodes = [], []
     for round_number in range(repeats + 1):
         prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
-        decode = decode_speed(device, generate)
+        decode = decode_speed(device, generate_tokens)
         if round_number:
             prefills.append(prefill)
             decodes.append(decode)
-    return {"prefill_ms": statistics.median(prefills) * 1e3, "decode_tokens_per_s": statistics.median(decodes)}
+    return {"prefill_ms": statistics.median(prefills) * 1e3,
+            "decode_tokens_per_s": statistics.median(decodes)}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minifastv.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"{', '.join(RANDOM_MODELS)} (random weights in the real shapes, built on the "
-                                        "device), a llava-hf folder, a hub repo id, or 'tiny' (default: a small random "
-                                        "LLaVA-shaped model)")
+    parser.add_argument("--model", help=f"{', '.join(RANDOM_MODELS)} (random weights in the real "
+                                        "shapes, built on the device), a llava-hf folder, a hub "
+                                        "repo id, or 'tiny' (default: a small random LLaVA-shaped "
+                                        "model)")
     cli.add_device_arguments(parser)
     parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting, the median is shown (default 5)")
-    parser.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (default 40)")
-    parser.add_argument("--batch", type=int, help="also time a batch of this many prompts (default 8 on a GPU, none on the CPU)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per setting, the median is shown (default 5)")
+    parser.add_argument("--text-tokens", type=int, default=40,
+                        help="text tokens around the image (default 40)")
+    parser.add_argument("--batch", type=int, help="also time a batch of this many prompts "
+                                                  "(default 8 on a GPU, none on the CPU)")
     parser.add_argument("--video", action="store_true",
-                        help="a video prompt (8 frames, 2,056 tokens) instead of an image: the random model is then "
-                             "Video-LLaVA-shaped, and --model must be a Video-LLaVA checkpoint")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the default random model (default 12)")
-    parser.add_argument("--width", type=int, default=1024, help="decoder width of the default random model, a multiple of 64 (default 1024)")
+                        help="a video prompt (8 frames, 2,056 tokens) instead of an image: the "
+                             "random model is then Video-LLaVA-shaped, and --model must be a "
+                             "Video-LLaVA checkpoint")
+    parser.add_argument("--layers", type=int, default=12,
+                        help="decoder layers of the default random model (default 12)")
+    parser.add_argument("--width", type=int, default=1024,
+                        help="decoder width of the default random model, a multiple of 64 "
+                             "(default 1024)")
     parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the comparison with transformers (it shares minifastv's weights, but needs its "
-                             "own activations; with a checkpoint folder it loads a second copy)")
+                        help="skip the comparison with transformers (it shares minifastv's "
+                             "weights, but needs its own activations; with a checkpoint folder "
+                             "it loads a second copy)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     cli.add_compile_argument(parser)
     return parser.parse_args(argv)
@@ -300,62 +373,74 @@ def build_model(args, device, dtype):
             if args.width < 64 or args.width % 64:
                 raise UsageError(f"--width must be a multiple of 64, got {args.width}.")
             cli.check_fastv(args.k, 0.0, args.layers)
-            return random_llava(device, dtype, args.layers, args.width, args.video), None, None
+            model = random_llava(device, dtype, args.layers, args.width, args.video)
+            return model, None, None
         config = config_by_name(RANDOM_MODELS[args.model])
         if args.video != (config.video_token_id is not None):
+            fix = ("random-video-7b with --video" if args.video
+                   else "--video with random-video-7b")
             raise UsageError(f"--model {args.model} {'has no' if args.video else 'needs a'} video: "
-                             f"use {'random-video-7b with --video' if args.video else '--video with random-video-7b'}.")
+                             f"use {fix}.")
         cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
         return random_model(config, device, dtype), None, None
     folder = cli.model_folder(args.model)
     config = read_config(folder)
     cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
     if args.video and config.video_token_id is None:
-        raise UsageError(f"--video needs a Video-LLaVA checkpoint: the model in {folder} has no video tower.")
+        raise UsageError(f"--video needs a Video-LLaVA checkpoint: the model in {folder} has no "
+                         "video tower.")
     started = time.perf_counter()
     model = cli.load_model(folder, device, dtype, towers=("video",) if args.video else ("image",))
     return model, folder, time.perf_counter() - started
-
-
-def setting_name(fastv):
-    return "no_fastv" if fastv is None else f"K{fastv.k}_R{fastv.r:g}"
 
 
 def measure(args, model, folder, load_seconds):
     """Every number of the benchmark, as the JSON file holds them."""
     device, config = model.device, model.config
     ids, visual = benchmark_prompt(config, args.text_tokens, args.video)
-    if ids.shape[1] + NEW_TOKENS > config.text.max_position_embeddings:
-        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, too long for the "
-                         f"model's context of {config.text.max_position_embeddings} tokens.")
-    num_tokens, num_image_tokens = ids.shape[1], config.tokens_per_video if args.video else config.image_tokens_per_image
+    context = config.text.max_position_embeddings
+    if ids.shape[1] + NEW_TOKENS > context:
+        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, "
+                         f"too long for the model's context of {context} tokens.")
+    num_tokens = ids.shape[1]
+    num_image_tokens = config.tokens_per_video if args.video else config.image_tokens_per_image
     num_videos = int(args.video)
-    settings = {setting_name(fastv): fastv for fastv in [None] + [FastV(args.k, r) for r in (0.0, 0.25, 0.5, 0.75)]}
-    seconds, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
+    settings = {cli.setting_name(fastv): fastv for fastv in [None, *(FastV(args.k, r) for r in RS)]}
+
+    def only(*rs):  # the settings without FastV and at these R
+        return {name: fastv for name, fastv in settings.items() if fastv is None or fastv.r in rs}
+
     unpruned = exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=num_videos)
-    predicted = {name: unpruned / (unpruned if fastv is None else exact_prefill_flops(
-        config, num_tokens, num_image_tokens, fastv.k, fastv.r, num_videos)) for name, fastv in settings.items()}
+    predicted = {name: unpruned / exact_prefill_flops(config, num_tokens, num_image_tokens,
+                                                      *cli.setting_of(name), num_videos)
+                 for name in settings}
     batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
     compile_seconds = None
-    if args.compile:  # every shape the timings will use, run once: compiling happens here, not in a timing
-        compile_seconds = cli.compile_and_warm_up(model, lambda: warm_up(model, ids, visual, settings, batch))
+    if args.compile:  # every shape the timings will use, run once: compiling happens here
+        compile_seconds = cli.compile_and_warm_up(
+            model, lambda: warm_up(model, ids, visual, settings, batch))
+    seconds, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
+    model_name = args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped"
     results = {
-        "model": args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped", "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
-        "machine": machine_name(), "torch": torch.__version__,
-        "compiled": args.compile, "compile_seconds": compile_seconds, "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
-        "prefill_ms": {name: value * 1e3 for name, value in seconds.items()}, "predicted_speedup": predicted,
-        "kv_cache_bytes": cache_bytes, "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
-        "scoring_ms": time_scoring(model, ids, visual, args.k) * 1e3, f"prefill_ms_batch{batch}": None,
-        "load_seconds": load_seconds, "transformers": None,
+        "model": model_name, "device": device_name(device),
+        "dtype": str(model.dtype).removeprefix("torch."), "machine": machine_name(),
+        "torch": torch.__version__, "compiled": args.compile, "compile_seconds": compile_seconds,
+        "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
+        "prefill_ms": {name: value * 1e3 for name, value in seconds.items()},
+        "predicted_speedup": predicted, "kv_cache_bytes": cache_bytes,
+        "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
+        "scoring_ms": time_scoring(model, ids, visual, args.k) * 1e3,
+        f"prefill_ms_batch{batch}": None, "load_seconds": load_seconds, "transformers": None,
     }
     if batch > 1:
-        batch_settings = {name: settings[name] for name in ("no_fastv", f"K{args.k}_R0.5", f"K{args.k}_R0.75")}
-        batch_seconds, _ = time_prefills(model, *batched(ids, visual, batch), batch_settings, args.repeats)
-        results[f"prefill_ms_batch{batch}"] = {name: value * 1e3 for name, value in batch_seconds.items()}
-    decode_settings = {name: settings[name] for name in ("no_fastv", f"K{args.k}_R0.5")}
-    results["decode_tokens_per_s"] = decode_speeds(model, ids, visual, decode_settings, args.repeats)
+        batch_ids, batch_visual = batched(ids, visual, batch)
+        batch_seconds, _ = time_prefills(model, batch_ids, batch_visual, only(0.5, 0.75),
+                                         args.repeats)
+        results[f"prefill_ms_batch{batch}"] = {name: value * 1e3
+                                               for name, value in batch_seconds.items()}
+    results["decode_tokens_per_s"] = decode_speeds(model, ids, visual, only(0.5), args.repeats)
     results["decode_floor_tokens_per_s"] = copy_bandwidth(device) / decode_step_bytes(model)
-    results["device_busy_share"] = device_busy_shares(model, ids, visual, decode_settings)
+    results["device_busy_share"] = device_busy_shares(model, ids, visual, only(0.5))
     twin = None if args.no_transformers else transformers_twin(model, folder)
     if twin is not None:
         results["transformers"] = compare_with_transformers(model, twin, ids, visual, args.repeats)
@@ -366,12 +451,13 @@ def measure(args, model, folder, load_seconds):
 def warm_up(model, ids, visual, settings, batch):
     """One prefill per setting (and batch size), and the generations decode_speeds times."""
     for fastv in settings.values():
-        model(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+        model(ids, **visual, cache=model.new_cache(ids, fastv), fastv=fastv, last_logits_only=True)
         if batch > 1:
             batch_ids, batch_visual = batched(ids, visual, batch)
-            model(batch_ids, **batch_visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+            model(batch_ids, **batch_visual, cache=model.new_cache(batch_ids, fastv), fastv=fastv,
+                  last_logits_only=True)
         for n in (1, NEW_TOKENS):
-            model.generate(ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
+            generate(model, ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
 
 
 def machine_name():
@@ -386,53 +472,69 @@ def machine_name():
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def report(results, args, config):
     """The numbers as tables, for people."""
     text, k = config.text, args.k
+    no_fastv, r0, half = (cli.setting_name(fastv) for fastv in (None, FastV(k, 0.0), FastV(k, 0.5)))
     kind = "video" if args.video else "image"
-    compiled = f"compiled (first runs {results['compile_seconds']:.1f} s)" if results["compiled"] else "eager"
-    print(f"model: {results['model']} | decoder {text.hidden_size} wide, {text.num_hidden_layers} layers | device "
-          f"{results['device']} on {results['machine']} | torch {results['torch']}, {compiled} | {results['dtype']} | prompt {results['prompt_tokens']} tokens, {results['image_tokens']} "
-          f"of them {kind} | K={k} | median of {results['repeats']}")
-    print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} {'realized/predicted':>18} "
-          f"{'KV cache MB':>11} {'peak GPU MiB':>12}")
-    baseline = results["prefill_ms"]["no_fastv"]
+    compiled = "eager"
+    if results["compiled"]:
+        compiled = f"compiled (first runs {results['compile_seconds']:.1f} s)"
+    print(f"model: {results['model']} | decoder {text.hidden_size} wide, {text.num_hidden_layers} "
+          f"layers | device {results['device']} on {results['machine']} | torch "
+          f"{results['torch']}, {compiled} | {results['dtype']} | prompt "
+          f"{results['prompt_tokens']} tokens, {results['image_tokens']} of them {kind} | K={k} | "
+          f"median of {results['repeats']}")
+    print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} "
+          f"{'realized/predicted':>18} {'KV cache MB':>11} {'peak GPU MiB':>12}")
+    baseline = results["prefill_ms"][no_fastv]
     for name, ms in results["prefill_ms"].items():
         realized, predicted = baseline / ms, results["predicted_speedup"][name]
         peak = results["peak_gpu_bytes"][name]
-        label = "no FastV" if name == "no_fastv" else f"R={float(name.split('_R')[1]):.2f}"
-        print(f"{label:>9} {ms:>10.1f} {realized:>8.2f}x {1 / predicted:>11.3f} {predicted:>8.2f}x {realized / predicted:>18.1%} "
-              f"{results['kv_cache_bytes'][name] / 2**20:>11.1f} {'-' if peak is None else f'{peak / 2**20:.0f}':>12}")
-    overhead = results["prefill_ms"][f"K{k}_R0"] / baseline - 1
-    print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise included); "
-          f"the scoring step alone {results['scoring_ms']:.2f} ms = {results['scoring_ms'] / baseline:.2%} of the prefill")
+        peak = "-" if peak is None else f"{peak / 2**20:.0f}"
+        label = "no FastV" if name == no_fastv else f"R={cli.setting_of(name)[1]:.2f}"
+        print(f"{label:>9} {ms:>10.1f} {realized:>8.2f}x {1 / predicted:>11.3f} {predicted:>8.2f}x "
+              f"{realized / predicted:>18.1%} {results['kv_cache_bytes'][name] / 2**20:>11.1f} "
+              f"{peak:>12}")
+    overhead = results["prefill_ms"][r0] / baseline - 1
+    scoring = results["scoring_ms"]
+    print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise "
+          f"included); the scoring step alone {scoring:.2f} ms = {scoring / baseline:.2%} of the "
+          "prefill")
     batch_key = next(key for key in results if key.startswith("prefill_ms_batch"))
     if results[batch_key]:
-        plain = results[batch_key]["no_fastv"]
-        batch = ", ".join(f"R={name.split('_R')[1]} {ms:.1f} ms ({plain / ms:.2f}x, predicted "
-                          f"{results['predicted_speedup'][name]:.2f}x)" for name, ms in results[batch_key].items() if name != "no_fastv")
-        print(f"batch of {batch_key.removeprefix('prefill_ms_batch')}: no FastV {plain:.1f} ms, {batch}")
-    decode = results["decode_tokens_per_s"]
-    print(f"decode, greedy, {NEW_TOKENS} tokens: no FastV {decode['no_fastv']:.1f} tokens/s, R=0.5 {decode[f'K{k}_R0.5']:.1f} "
-          f"tokens/s; floor (weights read once a token, measured copy bandwidth) {results['decode_floor_tokens_per_s']:.1f} "
-          f"tokens/s: {decode['no_fastv'] / results['decode_floor_tokens_per_s']:.0%} of it")
+        plain = results[batch_key][no_fastv]
+        batch = ", ".join(f"R={cli.setting_of(name)[1]:g} {ms:.1f} ms ({plain / ms:.2f}x, "
+                          f"predicted {results['predicted_speedup'][name]:.2f}x)"
+                          for name, ms in results[batch_key].items() if name != no_fastv)
+        print(f"batch of {batch_key.removeprefix('prefill_ms_batch')}: no FastV {plain:.1f} ms, "
+              f"{batch}")
+    decode, floor = results["decode_tokens_per_s"], results["decode_floor_tokens_per_s"]
+    print(f"decode, greedy, {NEW_TOKENS} tokens: no FastV {decode[no_fastv]:.1f} tokens/s, R=0.5 "
+          f"{decode[half]:.1f} tokens/s; floor (weights read once a token, measured copy "
+          f"bandwidth) {floor:.1f} tokens/s: {decode[no_fastv] / floor:.0%} of it")
     if results["device_busy_share"]:
         shares = results["device_busy_share"]
-        print(f"GPU busy (torch.profiler): prefill {shares['prefill_no_fastv']:.0%} of the time ({shares[f'prefill_K{k}_R0.5']:.0%} "
-              f"at R=0.5), decode {shares['decode_no_fastv']:.0%} ({shares[f'decode_K{k}_R0.5']:.0%}); the rest it waits for the host")
+        print(f"GPU busy (torch.profiler): prefill {shares[f'prefill_{no_fastv}']:.0%} of the time "
+              f"({shares[f'prefill_{half}']:.0%} at R=0.5), decode "
+              f"{shares[f'decode_{no_fastv}']:.0%} ({shares[f'decode_{half}']:.0%}); the rest it "
+              "waits for the host")
     if results["load_seconds"] is not None:
         print(f"load: {results['load_seconds']:.1f} s")
     theirs = results["transformers"]
     if theirs is None:
-        print("transformers comparison skipped" + ("" if args.no_transformers else ": transformers is not installed"))
+        print("transformers comparison skipped"
+              + ("" if args.no_transformers else ": transformers is not installed"))
         return
-    print(f"same weights through transformers (sdpa), unpruned: prefill {theirs['prefill_ms']:.1f} ms, decode "
-          f"{theirs['decode_tokens_per_s']:.1f} tokens/s")
-    print(f"minifastv / transformers: prefill time {baseline / theirs['prefill_ms']:.2f} (target <= 1.00), "
-          f"decode speed {decode['no_fastv'] / theirs['decode_tokens_per_s']:.2f}x")
+    print(f"same weights through transformers (sdpa), unpruned: prefill {theirs['prefill_ms']:.1f} "
+          f"ms, decode {theirs['decode_tokens_per_s']:.1f} tokens/s")
+    print(f"minifastv / transformers: prefill time {baseline / theirs['prefill_ms']:.2f} (target "
+          f"<= 1.00), decode speed {decode[no_fastv] / theirs['decode_tokens_per_s']:.2f}x")
 
 
 def main(argv=None):

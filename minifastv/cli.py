@@ -210,6 +210,23 @@ def compile_and_warm_up(model, warm_up):
     return seconds
 
 
+# ------------------------------------------------------------------------------------------------
+# The bench's settings by name, the keys of its JSON's tables: bench.py writes, figures.py reads.
+
+
+def setting_name(fastv):
+    """A FastV setting's key in the bench's tables: "no_fastv", or "K2_R0.5" for FastV(2, 0.5)."""
+    return "no_fastv" if fastv is None else f"K{fastv.k}_R{fastv.r:g}"
+
+
+def setting_of(name):
+    """(k, r) of a setting's key: "K2_R0.5" -> (2, 0.5); "no_fastv" -> (None, 0.0): none dropped."""
+    if name == "no_fastv":
+        return None, 0.0
+    k, r = name.removeprefix("K").split("_R")
+    return int(k), float(r)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The reporter
 

@@ -9,9 +9,9 @@ files into OUT_FOLDER, and a step that fails writes its error and lets the next 
 2. load.json: a random 7B checkpoint written in the hub's names (three float16 shards, about 14 GB) to
    local disk, then read twice from the warm page cache, each in a fresh process: minifastv.load and
    transformers' from_pretrained(device_map="cuda"), seconds and host-memory peak;
-3. prefill_graph.json: an experiment, the batch-1 prefill with its launches recorded as CUDA graphs
-   (torch.compile's "cudagraphs" backend, no code generated) against eager, without FastV and at R=0.5:
-   how much of FastV's predicted speed-up a prefill without launch overhead realizes;
+3. prefill_graph.json: an experiment, the batch-1 prefill (no KV cache) with its launches recorded as
+   CUDA graphs (torch.compile's "cudagraphs" backend, no code generated) against eager, without FastV
+   and at R=0.5: how much of FastV's predicted speed-up a prefill without launch overhead realizes;
 4. bench_7b.json/.txt: the same as 1, eager;
 5. cuda_tests.txt: the CUDA tests (tests/test_cuda.py), float16 and bfloat16 against transformers, the
    compiled path, the loader's GPU path;
@@ -117,13 +117,15 @@ def real_config(preset, smoke):
 def prefill_graph(out, smoke):
     """An experiment for the compiled path's next step: the batch-1 prefill with its launches gone. Llava.forward
     under torch.compile's "cudagraphs" backend (the eager kernels, recorded as CUDA graphs between the forward's few
-    host syncs; no code generated) against eager, bfloat16 random-7b, without FastV and at K=2 R=0.5."""
+    host syncs; no code generated) against eager, bfloat16 random-7b, without FastV and at K=2 R=0.5. Without a
+    KV cache, on both sides: under torch.compile the prefill's in-place writes into a cache would run as extra
+    copies outside the graphs (AOT autograd applies input mutations after the graph), a cost eager never pays."""
     import statistics
 
     import torch
 
     import minifastv
-    from minifastv import bench
+    from minifastv import bench, cli
     from minifastv.flops import exact_prefill_flops
 
     device = torch.device("cpu" if smoke else "cuda")
@@ -133,12 +135,12 @@ def prefill_graph(out, smoke):
     graphed = torch.compile(model, backend="cudagraphs", dynamic=False)
     results = {"device": bench.device_name(device), "torch": torch.__version__, "prompt_tokens": ids.shape[1]}
     with torch.inference_mode():
-        for name, fastv in (("no_fastv", None), ("K2_R0.5", minifastv.FastV(2, 0.5))):
-            logits = {}
+        for fastv in (None, minifastv.FastV(2, 0.5)):
+            name, logits = cli.setting_name(fastv), {}
             for label, run in (("eager", model), ("cudagraphs", graphed)):
                 def prefill():
                     torch.compiler.cudagraph_mark_step_begin()  # the last run's outputs may be overwritten now
-                    return run(ids, **visual, cache=model.new_cache(), fastv=fastv, last_logits_only=True)
+                    return run(ids, **visual, fastv=fastv, last_logits_only=True)
 
                 for _ in range(3):  # the first runs record the graphs
                     prefill()
@@ -159,6 +161,7 @@ def peak_memory(out, smoke):
 
     import minifastv
     from minifastv import bench
+    from minifastv.generation import generate
 
     device = torch.device("cpu" if smoke else "cuda")
     results = {}
@@ -172,7 +175,7 @@ def peak_memory(out, smoke):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            model.generate(ids, **visual, max_new_tokens=32, fastv=fastv, eos_token_id=-1)
+            generate(model, ids, **visual, max_new_tokens=32, fastv=fastv, eos_token_id=-1)
             key = f"{preset}{'_video_tower_only' if video else ''}_{'fastv_K2_R0.5' if fastv else 'no_fastv'}"
             results[key] = {"allocated": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                             "reserved": torch.cuda.max_memory_reserved() if device.type == "cuda" else None,

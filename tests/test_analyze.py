@@ -17,7 +17,7 @@ from minifastv.cli import DEFAULT_IMAGE
 from minifastv.image import ImageProcessorConfig, center_crop, load_image, preprocess, resize_shortest_edge
 from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
 
-from conftest import IMAGE_TOKEN, REFERENCE, image_prompt, random_pixels
+from conftest import IMAGE_TOKEN, REFERENCE, image_prompt, random_pixels, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS_PER_IMAGE = 36  # the tiny models: 84 px images, 14 px patches, a 6 x 6 grid
@@ -92,6 +92,22 @@ def test_output_rows_are_the_last_rows_of_the_full_matrix(model):
     assert (rows[0, :, 0, -5:] == 0).all()  # the first output token cannot see the five after it
 
 
+def test_allocation_is_transformers_attention_split_by_class(model):
+    """The shares read through the model's observe hook are those of transformers' own attention
+    weights (eager attention, output_attentions=True) on the same weights, split by class."""
+    reference = tiny_hf_model()  # the weights of the hub_checkpoint the model was loaded from
+    reference.set_attn_implementation("eager")
+    ids, pixels = prompt_and_answer(2), random_pixels(2)
+    result = analyze.attention_allocation(model, ids, pixels, NUM_OUTPUT)
+    with torch.no_grad():
+        outputs = reference(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    classes = torch.nn.functional.one_hot(analyze.token_classes(ids, IMAGE_TOKEN, NUM_OUTPUT), 4)
+    assert len(outputs.attentions) == result.allocation.shape[0] == 4
+    for layer, weights in enumerate(outputs.attentions):  # (1, H, T, T)
+        expected = (weights[0, :, -NUM_OUTPUT:].double() @ classes.double()).mean(dim=(0, 1))
+        torch.testing.assert_close(result.allocation[layer].double(), expected, atol=1e-5, rtol=0)
+
+
 def test_uniform_attention_matches_the_closed_form(hub_checkpoint):
     """With every query zero, all scores are 0: output token p attends 1/(p+1) to each of tokens 0..p."""
     uniform = minifastv.load(hub_checkpoint, device="cpu", dtype=torch.float32, progress=False)
@@ -147,6 +163,23 @@ def test_pruned_patches_are_dimmed_and_kept_ones_untouched(model):
     figure = analyze.kept_patches_figure(model, ids, pixels, config, 2, 0.5)
     assert figure.height == 70 + 84 + 10 and figure.width >= 4 * 94  # a column per rule, under a title
     assert figure.crop((10, 70, 94, 154)).tobytes() == panel.tobytes()  # fastv_rule's panel comes first
+
+
+def test_kept_image_tokens_are_the_top_of_transformers_last_row(model):
+    """FastV keeps the image tokens that the last token attended to most in layer K-1, mean over
+    heads: here ranked from transformers' own attention weights, on the same weights."""
+    reference = tiny_hf_model()  # the weights of the hub_checkpoint the model was loaded from
+    reference.set_attn_implementation("eager")
+    ids, pixels = prompt_and_answer(1)[:, :-NUM_OUTPUT], random_pixels(1)
+    with torch.no_grad():
+        outputs = reference(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    image_positions = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0]  # (36,)
+    for k in (1, 2, 3):
+        scores = outputs.attentions[k - 1][0, :, -1].mean(dim=0)[image_positions]  # (36,)
+        ranked = scores.sort(descending=True)
+        assert ranked.values[17] - ranked.values[18] > 1e-5  # no near-tie at the cut
+        expected = ranked.indices[:18].sort().values
+        assert torch.equal(analyze.kept_image_tokens(model, ids, pixels, M.FastV(k, 0.5)), expected)
 
 
 def test_allocation_chart_stacks_the_classes():

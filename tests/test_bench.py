@@ -7,9 +7,10 @@ import re
 import pytest
 import torch
 
-from minifastv import bench
+from minifastv import bench, cli, compiled
 from minifastv.checkpoint import config_by_name
 from minifastv.flops import exact_prefill_flops
+from minifastv.model import FastV
 
 SMALL = ["--layers", "3", "--width", "64", "--repeats", "1", "--device", "cpu"]
 
@@ -50,6 +51,62 @@ def test_bench_json_holds_every_number(tmp_path, capsys):
     assert written["predicted_speedup"]["K2_R0.5"] == pytest.approx(unpruned / exact_prefill_flops(config, 616, 576, 2, 0.5))
     assert written["predicted_speedup"]["no_fastv"] == 1.0
     assert 0.999 < written["predicted_speedup"]["K2_R0"] < 1.0  # scoring alone costs a last row of attention
+
+
+def test_setting_names_are_the_json_keys_and_read_back_as_k_and_r():
+    """The bench names its settings as its JSON files (and the committed ones figures.py draws)
+    have them."""
+    for fastv, name in ((None, "no_fastv"), (FastV(2, 0.0), "K2_R0"), (FastV(2, 0.25), "K2_R0.25"),
+                        (FastV(3, 0.5), "K3_R0.5"), (FastV(12, 0.75), "K12_R0.75")):
+        assert cli.setting_name(fastv) == name
+        assert cli.setting_of(name) == ((None, 0.0) if fastv is None else (fastv.k, fastv.r))
+
+
+def test_the_timed_scoring_step_picks_what_fastv_keeps():
+    """The scoring the bench times starts from layer K-1's queries and keys, taken with the model's
+    observe hook: its top-k is what a FastV prefill keeps."""
+    model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
+    ids, visual = bench.benchmark_prompt(model.config, 10)
+    for k in (1, 2):
+        cache = model.new_cache(ids, FastV(k, 0.5))
+        with torch.no_grad():
+            model(ids, **visual, cache=cache, fastv=FastV(k, 0.5))
+        kept = bench.scoring_step(model, ids, visual, k)()
+        assert kept.shape == (1, 288)
+        assert torch.equal(kept.sort(dim=-1).values, cache.kept_image_tokens)
+
+
+def test_no_timed_generation_is_the_first_of_its_cache_shape(monkeypatch):
+    """A compiled model reuses the KV caches of its last two shapes (compiled.reusing_caches): with
+    three settings taking turns, caches are made anew, but never while the clock runs."""
+    model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
+    model.new_cache = compiled.reusing_caches(model)  # the compiled path's caches, not compiled
+    ids, visual = bench.benchmark_prompt(model.config, 10)
+    clock = {"running": False, "timed_runs": 0, "caches": 0, "caches_made_while_timed": 0}
+
+    class CountedKVCache(compiled.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            clock["caches"] += 1
+            clock["caches_made_while_timed"] += clock["running"]
+
+    untimed = bench.timed
+
+    def timed(device, function):
+        clock["running"], clock["timed_runs"] = True, clock["timed_runs"] + 1
+        try:
+            return untimed(device, function)
+        finally:
+            clock["running"] = False
+
+    monkeypatch.setattr(compiled, "KVCache", CountedKVCache)
+    monkeypatch.setattr(bench, "timed", timed)
+    settings = {cli.setting_name(fastv): fastv for fastv in (None, FastV(2, 0.5), FastV(2, 0.75))}
+    speeds = bench.decode_speeds(model, ids, visual, settings, repeats=2)
+    assert set(speeds) == set(settings) and all(speed > 0 for speed in speeds.values())
+    assert clock["timed_runs"] == 3 * 3 * 2  # rounds x settings x (1 token, NEW_TOKENS)
+    assert clock["caches"] > 3  # three shapes in turns, two kept: caches were made again
+    assert clock["caches_made_while_timed"] == 0
 
 
 def test_bench_times_a_checkpoint_load(tmp_path, monkeypatch):

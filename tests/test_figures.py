@@ -94,10 +94,11 @@ def test_pruning_keeps_every_text_token_and_the_original_positions():
     assert before == list(range(5 + num_image + 12))
     assert after == sorted(after) and len([p for p in after if p in image]) == round(num_image * 0.5)
     assert [p for p in after if p not in image] == [p for p in before if p not in image]
-    model = figures.toy_llava()  # the same survivors as the KV cache records in a prefill with generation's cache
-    cache = model.new_cache()
+    model = figures.toy_llava()  # the same survivors as the KV cache records in a prefill
+    input_ids, pixel_values = figures.toy_prompt(model.config)
+    cache = model.new_cache(input_ids, FastV(2, 0.5))
     with torch.no_grad():
-        model(*figures.toy_prompt(model.config), cache=cache, fastv=FastV(2, 0.5))
+        model(input_ids, pixel_values, cache=cache, fastv=FastV(2, 0.5))
     assert (cache.kept_image_tokens[0] + 5).tolist() == [p for p in after if p in image]
     # Each kept token's id is drawn in both rows, each dropped one in the first row only.
     ids_drawn = Counter(int(words) for words in svg_texts("pruning_sequence.svg") if words.isdigit())
