@@ -8,7 +8,19 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
-COMMANDS = {"minifastv.__main__", "minifastv.analyze", "minifastv.bench", "minifastv.figures", "minifastv.flops.__main__"}
+COMMANDS = {"minifastv.__main__", "minifastv.analyze", "minifastv.bench", "minifastv.eval", "minifastv.figures",
+            "minifastv.flops.__main__"}
+# The package from the bottom up: a module imports only modules of lower tiers, so no arrow runs back up.
+TIERS = [
+    {"minifastv.errors", "minifastv.flops"},  # the error types; FLOPs as plain arithmetic on a config
+    {"minifastv.model"},  # the read-along file: the model at the bottom
+    {"minifastv.checkpoint", "minifastv.generation", "minifastv.compiled", "minifastv.rules", "minifastv.prompt"},
+    {"minifastv.image", "minifastv.tiny"},  # image.py reads preprocessor_config.json as checkpoint.py reads JSON
+    {"minifastv.video"},  # frames through image.py's preprocessing
+    {"minifastv.cli"},  # what the commands share
+    COMMANDS,
+    {"minifastv"},  # the package's names
+]
 
 
 def module_name(path):
@@ -91,11 +103,20 @@ def test_no_command_imports_another_command():
         assert not graph[command] & COMMANDS, f"{command} imports {graph[command] & COMMANDS}"
 
 
-def test_the_model_file_imports_only_what_it_names():
-    """model.py stands alone: torch, the error types, and the generation mixin (which does not import it)."""
-    graph = import_graph()
-    assert graph["minifastv.model"] == {"minifastv.errors", "minifastv.generation"}
-    assert "minifastv.model" not in graph["minifastv.generation"]
+def test_the_model_file_imports_only_the_errors():
+    """model.py stands alone: torch, the standard library and the error types; generation drives it."""
+    assert import_graph()["minifastv.model"] == {"minifastv.errors"}
+
+
+def test_every_module_has_a_tier():
+    assert set(import_graph()) == set().union(*TIERS)
+
+
+def test_no_import_runs_back_up():
+    tier_of = {module: tier for tier, modules in enumerate(TIERS) for module in modules}
+    for module, imported in import_graph().items():
+        upward = sorted(name for name in imported if tier_of[name] >= tier_of[module])
+        assert not upward, f"{module} (tier {tier_of[module]}) imports {upward}, which are not below it"
 
 
 def test_the_read_along_file_stays_short():
