@@ -17,6 +17,12 @@ from .errors import CheckpointError
 IMAGE_PLACEHOLDER = "<image>"
 # Video-LLaVA: one per video, expanded to one id per frame feature (8 x 257)
 VIDEO_PLACEHOLDER = "<video>"
+# The system prompt LLaVA-1.5 was trained and evaluated with: conv_vicuna_v1 in the original
+# llava/conversation.py (training: --version v1; the v1.5 eval scripts: --conv-mode vicuna_v1).
+# llava-hf's chat template has none; format_prompt(system=LLAVA_SYSTEM_PROMPT) puts it back.
+LLAVA_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                       "The assistant gives helpful, detailed, and polite answers to the user's "
+                       "questions.")
 
 
 def count_images(text):
@@ -29,13 +35,17 @@ def count_videos(text):
     return text.count(VIDEO_PLACEHOLDER)
 
 
-def format_prompt(question, num_images=1, history=(), num_videos=0):
+def format_prompt(question, num_images=1, history=(), num_videos=0, system=None):
     """The conversation in LLaVA-1.5's template (Video-LLaVA's is the same), as llava-hf's
     chat template writes it.
 
     history: earlier turns as [(question, answer), ...]. The images go at the start of the first
     user turn, one "<image>\\n" each, then the videos, one "<video>\\n" each, unless the text
     already holds placeholders of that kind: then they stay where the user put them.
+    system: a system prompt to put first, then one space, as the original LLaVA's template does
+    (LLAVA_SYSTEM_PROMPT; its evaluation uses it). None, the default: llava-hf's template, none.
+    For one turn the text is then the original's exactly; in later turns the original also ends
+    each answer with </s>, which this does not add.
     """
     questions = [asked for asked, _ in history] + [question]
     answers = [answer for _, answer in history]
@@ -43,12 +53,12 @@ def format_prompt(question, num_images=1, history=(), num_videos=0):
     for placeholder, count in ((VIDEO_PLACEHOLDER, num_videos), (IMAGE_PLACEHOLDER, num_images)):
         if not any(placeholder in asked for asked in questions):
             questions[0] = (placeholder + "\n") * count + questions[0]
-    # No system prompt. Every message ends with one space; the prompt ends on
-    # "ASSISTANT:", the model's cue.
+    # Every message ends with one space; the prompt ends on "ASSISTANT:", the model's cue.
     earlier_turns = "".join(
         f"USER: {asked} ASSISTANT: {answer} " for asked, answer in zip(questions, answers)
     )
-    return earlier_turns + f"USER: {questions[-1]} ASSISTANT:"
+    start = "" if system is None else system + " "
+    return start + earlier_turns + f"USER: {questions[-1]} ASSISTANT:"
 
 
 class Tokenizer:
