@@ -1,4 +1,4 @@
-"""The compiled path: the same model code with fewer kernel launches. Opt-in; eager is the reference.
+"""The compiled path: the same model code, fewer kernel launches. Opt-in; eager is the reference.
 
 On a fast GPU at batch 1, a decoder layer's arithmetic takes less time than launching its ~40
 small kernels from Python, so FLOPs saved by FastV barely show as time saved. compile_model:

@@ -370,7 +370,7 @@ TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA's one CLIP towe
 
 # ------------------------------------------------------------------------------------------------
 # The KV cache: what generation keeps of earlier tokens, so a new token costs one row, not the
-# prompt. One cache for the eager and the compiled path: buffers allocated once and written in place.
+# prompt. One cache for the eager and the compiled path: allocated once and written in place.
 
 
 class KVCache:
@@ -588,7 +588,8 @@ class Llava(nn.Module):
 
     def rope(self, positions, dtype):
         """cos and sin (B, 1, T, D) for token positions (B, T): rows of the float32 tables, cast."""
-        return self.rope_cos[positions].to(dtype)[:, None], self.rope_sin[positions].to(dtype)[:, None]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
     @property
     def device(self):
@@ -599,7 +600,7 @@ class Llava(nn.Module):
         return self.lm_head.weight.dtype
 
     def towers(self):
-        """The loaded CLIP towers: LLaVA's one, Video-LLaVA's two (or the one it was loaded with)."""
+        """The loaded CLIP towers: LLaVA's one, Video-LLaVA's two, or the one loaded."""
         return [tower for name in TOWERS if (tower := getattr(self, name, None)) is not None]
 
     def cache_shape(self, input_ids, fastv=None, room=0, bucket=1):
@@ -610,7 +611,8 @@ class Llava(nn.Module):
         num_tokens = input_ids.shape[1]
         kept = num_tokens - num_visual + fastv.num_keep(num_visual) if prunes else num_tokens
         capacities = tuple(-(-(tokens + room) // bucket) * bucket for tokens in (num_tokens, kept))
-        return input_ids.shape[0], capacities, fastv.k if prunes else len(self.language_model.layers)
+        first_pruned_layer = fastv.k if prunes else len(self.language_model.layers)
+        return input_ids.shape[0], capacities, first_pruned_layer
 
     def new_cache(self, input_ids, fastv=None, room=0):
         """An empty KVCache for a prefill of input_ids with `fastv`, and `room` tokens after it."""
@@ -628,13 +630,14 @@ class Llava(nn.Module):
     def image_features(self, pixel_values):
         """(N, 3, 336, 336) pixels -> (N, 576, C) decoder inputs, one row per image patch."""
         size = self.config.vision.image_size
-        check_shape("pixel_values", pixel_values, (None, self.config.vision.num_channels, size, size))
+        channels = self.config.vision.num_channels
+        check_shape("pixel_values", pixel_values, (None, channels, size, size))
         tower = self.vision_tower if self.config.video_token_id is None else self.image_tower
         keep_cls = self.config.vision_feature_select_strategy == "full"
         return self.tower_features(tower, pixel_values, keep_cls)
 
     def video_features(self, pixel_values_videos):
-        """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, C): each frame's CLS token, then its patches."""
+        """(V, 8, 3, 224, 224) frames -> (V, 8 x 257, C): each frame's CLS, then its patches."""
         size, channels = self.config.vision.image_size, self.config.vision.num_channels
         check_shape("pixel_values_videos", pixel_values_videos,
                     (None, self.config.num_frames, channels, size, size))
@@ -688,9 +691,10 @@ class Llava(nn.Module):
         if T > config.text.max_position_embeddings:
             raise ValueError(f"The sequence has {T} tokens but the model's context is "
                              f"{config.text.max_position_embeddings} tokens.")
-        if fastv is not None and not fastv.k < len(self.language_model.layers):
-            raise SettingsError("FastV's k must be between 1 and "
-                                f"{len(self.language_model.layers) - 1} for this model, got {fastv.k}.")
+        num_layers = len(self.language_model.layers)
+        if fastv is not None and not fastv.k < num_layers:
+            raise SettingsError(f"FastV's k must be between 1 and {num_layers - 1} for this model, "
+                                f"got {fastv.k}.")
         prunes = fastv is not None and visual_counts[0] > 0
         if prunes and len(set(visual_counts)) > 1:
             raise SettingsError("FastV needs the same number of image tokens in every prompt of a "
