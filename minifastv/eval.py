@@ -39,7 +39,6 @@ examples:
 
 import argparse
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
@@ -62,13 +61,12 @@ from .checkpoint import read_config
 from .errors import UsageError
 from .generation import generate
 from .image import ImageProcessorConfig, load_image, preprocess
-from .model import FastV, fastv_rule
+from .model import FastV
 from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt
-from .rules import grid_rule, no_rope_rule, random_rule
+from .rules import RULES, load_rule
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's eval prompt
 PROMPT = format_prompt("{question}\n" + SHORT_ANSWER, system=LLAVA_SYSTEM_PROMPT)
-RULES = {"fastv": fastv_rule, "random": random_rule, "grid": grid_rule, "no_rope": no_rope_rule}
 Z = 1.959964  # the standard normal's 97.5% quantile: 95% intervals
 # What a file must share with this run for --resume to continue it; its header holds them.
 RESUME_KEYS = ("model", "task", "limit", "seed", "prompt", "max_new_tokens", "image", "dtype",
@@ -261,29 +259,6 @@ def parse_settings(text):
             settings.append((int(match[1]), float(match[2])))
             FastV(*settings[-1])  # K >= 1 and R in [0, 1), or a SettingsError: one sentence
     return settings
-
-
-def load_rule(name):
-    """fastv, random, grid, no_rope, or a function in a file: path/to/file.py:function."""
-    if name in RULES:
-        return RULES[name]
-    path, _, function = name.rpartition(":")
-    if not path.endswith(".py") or not function:
-        raise UsageError(f"Unknown rule {name!r}: use {', '.join(RULES)} or "
-                         "path/to/file.py:function.")
-    if not Path(path).is_file():
-        raise UsageError(f"--rule {name}: there is no file {path}.")
-    try:
-        spec = importlib.util.spec_from_file_location(f"rule_file_{Path(path).stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except Exception as error:  # the file's own code failed on import
-        reason = " ".join(str(error).split())
-        raise UsageError(f"--rule {name}: {path} cannot be imported ({type(error).__name__}: "
-                         f"{reason}).") from error
-    if not callable(getattr(module, function, None)):
-        raise UsageError(f"--rule {name}: {path} has no function {function}.")
-    return getattr(module, function)
 
 
 def make_runs(settings, rules):

@@ -4,9 +4,13 @@ returns (B, num_keep) indices into the prompt's image tokens (see fastv_rule in 
 Write your own the same way: score the N image tokens, keep the top num_keep.
 """
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
-from .model import PruningInputs, attention_rows
+from .errors import UsageError
+from .model import PruningInputs, attention_rows, fastv_rule
 
 
 def random_rule(inputs: PruningInputs):
@@ -48,3 +52,29 @@ def no_rope_rule(inputs: PruningInputs):
     attention = attention_rows(queries, keys, inputs.attention_mask)[:, :, -1]  # (B, H, T)
     image_attention = attention.mean(dim=1).gather(1, inputs.image_positions)  # (B, N)
     return image_attention.topk(inputs.num_keep, dim=-1).indices
+
+
+RULES = {"fastv": fastv_rule, "random": random_rule, "grid": grid_rule, "no_rope": no_rope_rule}
+
+
+def load_rule(name):
+    """fastv, random, grid, no_rope, or a function in a file: path/to/file.py:function."""
+    if name in RULES:
+        return RULES[name]
+    path, _, function = name.rpartition(":")
+    if not path.endswith(".py") or not function:
+        raise UsageError(f"Unknown rule {name!r}: use {', '.join(RULES)} or "
+                         "path/to/file.py:function.")
+    if not Path(path).is_file():
+        raise UsageError(f"--rule {name}: there is no file {path}.")
+    try:
+        spec = importlib.util.spec_from_file_location(f"rule_file_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as error:  # the file's own code failed on import
+        reason = " ".join(str(error).split())
+        raise UsageError(f"--rule {name}: {path} cannot be imported ({type(error).__name__}: "
+                         f"{reason}).") from error
+    if not callable(getattr(module, function, None)):
+        raise UsageError(f"--rule {name}: {path} has no function {function}.")
+    return getattr(module, function)

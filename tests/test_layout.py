@@ -18,7 +18,7 @@ TIERS = [
     {"minifastv.image", "minifastv.tiny"},  # image.py reads preprocessor_config.json as checkpoint.py reads JSON
     {"minifastv.video"},  # frames through image.py's preprocessing
     {"minifastv.cli"},  # what the commands share
-    COMMANDS,
+    COMMANDS | {"minifastv.lmms_eval_model"},  # lmms-eval's adapter stands beside the commands
     {"minifastv"},  # the package's names
 ]
 
