@@ -15,7 +15,7 @@ from memory_probe import largest_tensor_bytes, measure_load, write_checkpoint  #
 CASES = [  # (device, dtype, what it stands for)
     ("cpu", "float16", "CPU, checkpoint's dtype"),
     ("cpu", "float32", "CPU, cast to float32"),
-    ("meta", "float16", "read and dropped: the host cost of loading onto a GPU"),
+    ("meta", "float16", "read as for a GPU (pread, one tensor at a time) and dropped: the host cost"),
 ]
 
 MB = 1e6

@@ -106,8 +106,9 @@ def measure_load(folder, device, dtype, transformers=False):
     """Load the checkpoint in `folder` in a fresh process: {"peak_increase", "model_bytes", "setup"} in bytes, and
     "seconds" the load took.
 
-    dtype is a torch attribute name ("float16"). device "meta" reads every tensor from disk and drops
-    it: what loading onto a GPU costs the host; "cuda" loads onto the GPU (model_bytes counts host memory
+    dtype is a torch attribute name ("float16"). device "meta" reads every tensor as for a GPU (with
+    pread, one at a time, into a buffer of its own) and drops it: what loading onto a GPU costs the host,
+    except that a GPU's buffers are pinned; "cuda" loads onto the GPU (model_bytes counts host memory
     only). transformers=True: transformers' from_pretrained instead, for comparison (on the CPU it maps
     the files into memory and reads a tensor when it is first used; onto a GPU with device_map="cuda").
     """

@@ -22,23 +22,29 @@ def checkpoint(tmp_path_factory):
 
 
 def test_loading_for_a_gpu_never_holds_the_checkpoint_in_host_memory(checkpoint):
-    """device="meta" reads every tensor and drops it: the host-side cost of streaming to a GPU."""
+    """device="meta" reads every tensor as for a GPU (pread, one tensor at a time) and drops it: the host-side
+    cost of loading onto a GPU. At most about two of the largest tensors at once, a small part of the whole."""
     folder, size = checkpoint
     result = measure_load(folder, "meta", "float16")
     assert result["model_bytes"] == 0
-    assert result["peak_increase"] < 0.25 * size, (
+    largest = largest_tensor_bytes(folder)
+    assert largest < 0.15 * size  # else the bound below would say little
+    assert result["peak_increase"] < 2 * largest + 20e6, (
         f"loading peaked {result['peak_increase'] / 1e6:.0f} MB above the start for a {size / 1e6:.0f} MB "
-        f"checkpoint whose largest tensor is {largest_tensor_bytes(folder) / 1e6:.0f} MB"
+        f"checkpoint whose largest tensor is {largest / 1e6:.0f} MB"
     )
 
 
 def test_loading_onto_the_cpu_makes_no_second_copy(checkpoint):
+    """The CPU copies each tensor out of a memory map of the file: the map's pages count as this process's
+    memory while it is open, so it must close after each tensor, not hold the whole file beside the model."""
     folder, size = checkpoint
     result = measure_load(folder, "cpu", "float16")
     assert result["model_bytes"] >= size * 0.99  # the weights (and the RoPE tables) now live in RAM
-    assert result["peak_increase"] < result["model_bytes"] + 0.25 * size, (
+    largest = largest_tensor_bytes(folder)
+    assert result["peak_increase"] < result["model_bytes"] + 2 * largest + 20e6, (
         f"loading peaked {result['peak_increase'] / 1e6:.0f} MB above the start for a model of "
-        f"{result['model_bytes'] / 1e6:.0f} MB"
+        f"{result['model_bytes'] / 1e6:.0f} MB whose largest tensor is {largest / 1e6:.0f} MB"
     )
 
 
