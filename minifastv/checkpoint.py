@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, SettingsError
-from .model import TOWERS, Llava, LlavaConfig
+from .model import TOWERS, Llava, LlavaConfig, TextConfig, VisionConfig
 
 DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
 WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS",
@@ -50,12 +50,50 @@ PRESETS = {  # as the checkpoints' config.json describe them (tests compare the 
 }
 
 
+def known_fields(cls, values):
+    """The dataclass `cls` from the keys of `values` it knows (config.json carries many more)."""
+    names = {field.name for field in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def refuse_unsupported(values, **supported):
+    """A CheckpointError when the config asks for a variant model.py does not implement."""
+    for key, expected in supported.items():
+        if values.get(key, expected) != expected:
+            raise CheckpointError(f"minifastv supports only {key}={expected!r}, "
+                                  f"but the config has {values[key]!r}.")
+
+
+def config_from_dict(values):
+    """A LlavaConfig from config.json's values (read_config also checks their types and ranges)."""
+    text, vision = dict(values.get("text_config", {})), values.get("vision_config", {})
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"minifastv supports only plain RoPE, but the config asks for "
+                              f"{rope}.")
+    text.setdefault("rope_theta", rope.get("rope_theta", TextConfig.rope_theta))
+    refuse_unsupported(text, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                       tie_word_embeddings=False)
+    refuse_unsupported(vision, hidden_act="quick_gelu")
+    refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True,
+                       tie_word_embeddings=False)
+    values = {"image_token_id": values.get("image_token_index", LlavaConfig.image_token_id),
+              **values, "text": known_fields(TextConfig, text),
+              "vision": known_fields(VisionConfig, vision), "video_token_id": None}
+    config = known_fields(LlavaConfig, values)
+    if values.get("model_type") == "video_llava":  # a second tower, for video frames
+        config.video_token_id = values.get("video_token_index", 32001)
+        frame_tokens = config.vision.grid_size**2 + 1
+        config.num_frames = values.get("video_seq_length", 2056) // frame_tokens
+    return config
+
+
 def config_by_name(name):
     """A real model's config by name, e.g. config_by_name("llava-1.5-7b"): no download needed."""
     if name not in PRESETS:
         raise CheckpointError(f"There is no built-in config {name!r}: choose one of "
                               f"{', '.join(PRESETS)}.")
-    return LlavaConfig.from_dict(PRESETS[name])
+    return config_from_dict(PRESETS[name])
 
 
 def read_json(path):
@@ -77,7 +115,7 @@ def read_config(folder_or_file):
                               "config.json, *.safetensors and tokenizer.json.")
     values = read_json(path)
     try:
-        config = LlavaConfig.from_dict(values)
+        config = config_from_dict(values)
         check_config(config)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None

@@ -8,32 +8,17 @@ Shapes are tagged in comments: B batch, T tokens, S keys, H heads, D head size, 
 N visual (image and video) tokens.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, SettingsError
+from .errors import SettingsError
 
 # ------------------------------------------------------------------------------------------------
-# Configuration: three dataclasses filled from a llava-hf config.json.
-# The hub's config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
-
-
-def _known_fields(cls, values):
-    """Keep only the keys that the dataclass `cls` knows (config.json carries many more)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{key: value for key, value in values.items() if key in names})
-
-
-def _refuse_unsupported(values, **supported):
-    """Raise when the config asks for a variant this file does not implement (e.g. biased
-    attention)."""
-    for key, expected in supported.items():
-        if values.get(key, expected) != expected:
-            raise CheckpointError(f"minifastv supports only {key}={expected!r}, "
-                                  f"but the config has {values[key]!r}.")
+# Configuration: three dataclasses, filled from a llava-hf config.json by checkpoint.py. The hub's
+# config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
 
 
 @dataclass
@@ -56,17 +41,6 @@ class TextConfig:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_dict(cls, values):
-        values = dict(values)
-        rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise CheckpointError(f"minifastv supports only plain RoPE, but the config asks for {rope}.")
-        values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-        _refuse_unsupported(values, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                            tie_word_embeddings=False)
-        return _known_fields(cls, values)
-
 
 @dataclass
 class VisionConfig:
@@ -84,11 +58,6 @@ class VisionConfig:
     @property
     def grid_size(self):
         return self.image_size // self.patch_size
-
-    @classmethod
-    def from_dict(cls, values):
-        _refuse_unsupported(values, hidden_act="quick_gelu")
-        return _known_fields(cls, values)
 
 
 @dataclass
@@ -122,22 +91,6 @@ class LlavaConfig:
         if self.video_token_id is None:
             return is_image
         return is_image | (input_ids == self.video_token_id)
-
-    @classmethod
-    def from_dict(cls, values):
-        """A config from config.json's values (checkpoint.read_config checks types and ranges)."""
-        values = dict(values)
-        values.setdefault("image_token_id", values.get("image_token_index", cls.image_token_id))
-        _refuse_unsupported(values, projector_hidden_act="gelu", multimodal_projector_bias=True,
-                            tie_word_embeddings=False)
-        config = _known_fields(cls, {**values, "text": None, "vision": None, "video_token_id": None})
-        config.text = TextConfig.from_dict(values.get("text_config", {}))
-        config.vision = VisionConfig.from_dict(values.get("vision_config", {}))
-        if values.get("model_type") == "video_llava":
-            config.video_token_id = values.get("video_token_index", 32001)
-            frame_tokens = config.vision.grid_size**2 + 1
-            config.num_frames = values.get("video_seq_length", 2056) // frame_tokens
-        return config
 
 
 # ------------------------------------------------------------------------------------------------

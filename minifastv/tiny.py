@@ -27,7 +27,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from . import checkpoint
-from .model import Llava, LlavaConfig
+from .model import Llava
 
 TINY_NOTE = (
     "note: --model {} is a tiny {} with random weights, built offline for trying minifastv: "
@@ -172,7 +172,7 @@ def write_tiny_checkpoint(folder, seed=0, video=False):
                         size={"shortest_edge": size})
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     torch.manual_seed(seed)
-    model = Llava(LlavaConfig.from_dict(values))
+    model = Llava(checkpoint.config_from_dict(values))
     state = {}
     for name, tensor in model.state_dict().items():
         if tensor.ndim >= 2 and "embedding" not in name:

@@ -61,7 +61,7 @@ def write_random_checkpoint(folder, preset, shards=3, smoke=False):
     from safetensors.torch import save_file
 
     from minifastv.checkpoint import PRESETS, expected_tensors
-    from minifastv.model import LlavaConfig
+    from minifastv.checkpoint import config_from_dict
 
     values = json.loads(json.dumps(PRESETS[preset]))
     values.update(model_type="llava", image_token_index=32000, pad_token_id=32001, vocab_size=32064)
@@ -71,7 +71,7 @@ def write_random_checkpoint(folder, preset, shards=3, smoke=False):
         values["text_config"].update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=2)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(values, indent=2))
-    names = list(expected_tensors(LlavaConfig.from_dict(values)).items())
+    names = list(expected_tensors(config_from_dict(values)).items())
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
     for shard in range(shards):

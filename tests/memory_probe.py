@@ -39,7 +39,7 @@ def write_checkpoint(folder, seed=0, text=SHRINK_TEXT, vision=SHRINK_VISION):
 
     sys.path.insert(0, str(ROOT))
     from minifastv.checkpoint import expected_tensors
-    from minifastv.model import LlavaConfig
+    from minifastv.checkpoint import config_from_dict
 
     values = real_7b_config()
     values["text_config"].update(text)
@@ -49,7 +49,7 @@ def write_checkpoint(folder, seed=0, text=SHRINK_TEXT, vision=SHRINK_VISION):
     (folder / "config.json").write_text(json.dumps(values, indent=2))
     generator = torch.Generator().manual_seed(seed)
     state = {name: torch.empty(shape, dtype=torch.float16).normal_(0.0, 0.02, generator=generator)
-             for name, shape in expected_tensors(LlavaConfig.from_dict(values)).items()}
+             for name, shape in expected_tensors(config_from_dict(values)).items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return (folder / "model.safetensors").stat().st_size
 

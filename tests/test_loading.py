@@ -14,7 +14,7 @@ from conftest import REFERENCE, image_prompt, random_pixels
 
 import minifastv.checkpoint as checkpoint
 from minifastv.checkpoint import CheckpointError, expected_tensors, load, read_config
-from minifastv.model import LlavaConfig
+from minifastv.checkpoint import config_from_dict
 
 DATA = Path(__file__).resolve().parent / "data"
 REAL_MODELS = ["llava-1.5-7b-hf", "llava-1.5-13b-hf"]
@@ -125,7 +125,7 @@ def hf_config_fields(values):
 
 
 def our_config_fields(values):
-    config = LlavaConfig.from_dict(values)
+    config = config_from_dict(values)
     text, vision = config.text, config.vision
     fields = {name: getattr(text, name) for name in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -167,7 +167,7 @@ def test_config_refuses_unsupported_rope():
     values = json.loads((DATA / "llava-1.5-7b-hf" / "config.json").read_text())
     values["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="RoPE"):
-        LlavaConfig.from_dict(values)
+        config_from_dict(values)
 
 
 # ----------------------------------------------------------------------------------------------------
