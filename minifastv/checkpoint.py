@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, SettingsError
-from .model import TOWERS, Llava, LlavaConfig, TextConfig, VisionConfig
+from .model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
 WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS",
@@ -178,7 +178,7 @@ def check_config(config):
 def tower_prefixes(in_file):
     """(model.py prefix, file prefix) for every CLIP tower; `in_file` spells the tower's prefix in
     the file."""
-    return [pair for tower in TOWERS
+    return [pair for tower in Llava.TOWERS
             for pair in ((f"{tower}.layers.", f"{in_file.format(tower)}encoder.layers."),
                          (f"{tower}.", in_file.format(tower)))]
 
@@ -355,7 +355,7 @@ def load(path_or_repo_id=DEFAULT_REPO, device=None, dtype=None, progress=True,
     with torch.device("meta"):  # no memory yet: every parameter is a shape only
         model = Llava(config)
     unwanted = {"image", "video"} - set(towers)  # Video-LLaVA's towers; LLaVA's one always loads
-    left_out = [tower for tower in TOWERS
+    left_out = [tower for tower in Llava.TOWERS
                 if hasattr(model, tower) and tower.removesuffix("_tower") in unwanted]
     for tower in left_out:
         setattr(model, tower, None)  # its weights are skipped; asking for its features says so

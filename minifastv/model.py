@@ -1,11 +1,9 @@
 """LLaVA-1.5 in one file: CLIP tower, projector, Llama decoder, KV cache, and FastV at layer K.
 
-Read it top to bottom: configuration, the Llama decoder blocks, the CLIP vision blocks and the
-projector, the KV cache, FastV's settings and rule, and the LLaVA model that joins them: its prefill
-(`Llava.forward`, with the FastV step inline in the decoder loop) and its decode step. The model
-imports nothing of the package but its errors: generation.py drives it, checkpoint.py fills it.
-Shapes are tagged in comments: B batch, T tokens, S keys, H heads, D head size, C channels,
-N visual (image and video) tokens.
+Top to bottom: configuration, the decoder, the vision tower and projector, the KV cache, FastV's
+settings and rule, and Llava: its prefill (forward, FastV inline) and its decode step. It imports
+nothing of the package but its errors: generation.py drives it, checkpoint.py fills it. Shapes:
+B batch, T tokens, S keys, H heads, D head size, C channels, N visual (image and video) tokens.
 """
 
 from dataclasses import dataclass
@@ -17,8 +15,7 @@ from torch import nn
 from .errors import SettingsError
 
 # ------------------------------------------------------------------------------------------------
-# Configuration: three dataclasses, filled from a llava-hf config.json by checkpoint.py. The hub's
-# config.json is sparse: what it leaves out takes the Llama / CLIP defaults below.
+# Configuration, from config.json (checkpoint.py); what it leaves out takes these defaults.
 
 
 @dataclass
@@ -68,8 +65,7 @@ class LlavaConfig:
     text: TextConfig
     vision: VisionConfig
     image_token_id: int = 32000  # the <image> placeholder id: one per image feature in the prompt
-    # Video-LLaVA's <video> placeholder (32001); None: LLaVA, which has no video tower.
-    video_token_id: int | None = None
+    video_token_id: int | None = None  # Video-LLaVA's <video> (32001); None: LLaVA, no video
     pad_token_id: int = 32001
     num_frames: int = 8  # Video-LLaVA samples 8 frames of a video
     vision_feature_layer: int = -2  # which CLIP hidden state feeds the projector: second to last
@@ -85,12 +81,9 @@ class LlavaConfig:
         return self.num_frames * (self.vision.grid_size**2 + 1)  # a frame keeps its CLS: 8 x 257
 
     def is_visual(self, input_ids):
-        """True where input_ids holds an <image> or <video> placeholder: the tokens FastV ranks,
-        as one pool."""
-        is_image = input_ids == self.image_token_id
-        if self.video_token_id is None:
-            return is_image
-        return is_image | (input_ids == self.video_token_id)
+        """True where input_ids holds <image> or <video>: the tokens FastV ranks, as one pool."""
+        video_id = self.image_token_id if self.video_token_id is None else self.video_token_id
+        return (input_ids == self.image_token_id) | (input_ids == video_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,11 +104,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(config: TextConfig, device):
-    """cos and sin of every (position, frequency) angle, (max_positions, D), float32.
-
-    Built in float32 once the model has real memory (never in fp16: angles up to 4096 rad need
-    float32). Each position has its own row, so a pruned token can keep its original position.
-    """
+    """cos and sin (max_positions, D) of every (position, frequency) angle, in float32 (angles up
+    to 4096 rad need it). A row per position: a pruned token keeps its original position's."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim
     inv_freq = 1.0 / (config.rope_theta**exponents)  # (D/2,)
@@ -125,14 +115,10 @@ def rope_tables(config: TextConfig, device):
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rope(x, cos, sin):
     """Rotate queries or keys (B, H, T, D) by their positions' angles; cos/sin are (B, 1, T, D)."""
-    return x * cos + rotate_half(x) * sin
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin  # "rotate half": pairs i, i + D/2
 
 
 class LlamaAttention(nn.Module):
@@ -140,8 +126,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        hidden, head_dim = config.hidden_size, self.head_dim
+        self.head_dim = head_dim = config.head_dim
+        hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=False)
@@ -159,9 +145,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if cache is not None:  # prefill: stored; decode: the keys and values of every slot back
             k, v = cache.update(layer_index, k, v)  # (B, H_kv, S, D)
-        # Fused attention (SDPA): its flash and memory-efficient kernels never build the (T, S)
-        # weights (its math kernel, the fallback, does). `mask is None` means plain causal.
-        # enable_gqa lets several query heads share a key/value head (grouped-query attention).
+        # Fused attention (SDPA): its flash kernels never build the (T, S) weights. `mask is None`
+        # means causal; enable_gqa lets query heads share a key/value head (grouped-query).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
             scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads)
@@ -195,32 +180,16 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), queries_keys
 
 
-class LlamaModel(nn.Module):
-    """The decoder's weights. Its loop runs in Llava.forward, where FastV cuts in at layer K."""
-
-    def __init__(self, config: TextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        layers = (LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
 def visible_keys(key_mask, num_queries):
-    """Boolean (B, 1, T, S): True where each of the last T queries may attend to a key.
-
-    `key_mask` (B, S) marks real tokens (1) and left padding (0) of every key; the T queries are
-    the last T of those keys. A query sees the earlier real tokens and itself.
-    """
+    """Boolean (B, 1, T, S): True where each of the last T queries may attend to a key. key_mask
+    (B, S) is 1 for real tokens, 0 for left padding; a query sees earlier real tokens and itself."""
     num_keys = key_mask.shape[1]
-    key_index = torch.arange(num_keys, device=key_mask.device)
-    query_index = key_index[num_keys - num_queries :]
-    causal = key_index[None, :] <= query_index[:, None]  # (T, S)
-    itself = key_index[None, :] == query_index[:, None]  # (T, S)
+    key_index = torch.arange(num_keys, device=key_mask.device)  # (S,)
+    query_index = key_index[num_keys - num_queries :, None]  # (T, 1)
     # A padding query sees only itself: a row with no key at all gives NaN in some SDPA kernels,
     # and a NaN value would leak into real tokens (0 x NaN = NaN) though they never attend to it.
-    real_keys = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-    return (causal[None, None] & real_keys) | itself[None, None]  # (B, 1, T, S)
+    seen = (key_index <= query_index) & key_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return seen | (key_index == query_index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,8 +226,7 @@ class CLIPAttention(nn.Module):
         N, T, C = x.shape
         q, k, v = (proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))  # (N, H, T, D)
-        # Every patch sees every patch: no mask.
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # no mask
         return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
 
 
@@ -290,8 +258,7 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.embeddings = CLIPEmbeddings(config)
-        # "layrnorm" (sic): the checkpoint's spelling.
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic
         layers = (CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.layers = nn.ModuleList(layers)
         # Unused by LLaVA (it reads a hidden state before the end), but in the checkpoint: loaded.
@@ -318,37 +285,30 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU
 
 
-TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA's one CLIP tower; Video-LLaVA's two
-
-
 # ------------------------------------------------------------------------------------------------
-# The KV cache: what generation keeps of earlier tokens, so a new token costs one row, not the
-# prompt. One cache for the eager and the compiled path: allocated once and written in place.
+# The KV cache: earlier tokens' keys and values, so a new token costs one row, not the prompt.
 
 
 class KVCache:
-    """Per decoder layer, keys[i] and values[i]: (B, H_kv, capacity, D), allocated once, empty.
+    """keys[i], values[i]: (B, H_kv, capacity, D) per decoder layer, allocated once, empty.
 
-    The prefill writes the prompt's keys and values into slots 0, 1, ...; each decode step writes
-    one more slot. FastV makes two groups of layers: layers < K hold every prompt token, layers
-    >= K only the kept ones, so they have fewer slots (and smaller buffers). A slot is therefore
-    NOT a position: after FastV, slot 40 of layer K may hold the token at position 300, and a
-    token's rotary angle comes from its position, which FastV never renumbers. Per group g:
-      valid[g]: (B, capacity) bool, True where a slot holds a real token (not padding, not empty);
-      length[g]: (1,) long, the slots written, which is where the next token goes.
-    next_position: (B,) long, the next token's position among the real tokens (its RoPE angle).
-    kept_image_tokens: (B, num_keep) which visual tokens FastV kept, sorted; None without FastV.
-    Every tensor is changed in place, so a compiled decode step sees the same shapes and addresses.
-    """
+    The prefill fills slots 0, 1, ...; each decode step one more. With FastV, layers < K hold every
+    prompt token and layers >= K the kept ones only, in fewer slots: a slot is NOT a position
+    (after FastV, slot 40 of layer K may hold the token at position 300, and its rotary angle is
+    its position's, never renumbered). Per group g of layers: valid[g] (B, capacity) bool, True
+    where a slot holds a real token; length[g] (1,), the slots written, where the next one goes.
+    next_position (B,): the next token's position. kept_image_tokens: (B, num_keep) FastV kept.
+    All change in place: a compiled decode step sees the same shapes and addresses."""
 
     def __init__(self, config: TextConfig, batch_size, capacities, first_pruned_layer, device,
-                 dtype):
-        """capacities: (slots of the layers before first_pruned_layer, of the layers after)."""
+                 dtype):  # capacities: slots of the layers before first_pruned_layer, from it on
         self.first_pruned_layer = first_pruned_layer  # FastV's K; num_hidden_layers without FastV
+        # Per layer, its group: 0 holds every token, 1 FastV's kept ones.
+        self.group = [int(i >= first_pruned_layer) for i in range(config.num_hidden_layers)]
         B, H_kv, D = batch_size, config.num_key_value_heads, config.head_dim
         # Zeros, not empty memory: an empty slot is masked out, but 0 x NaN would still be NaN.
-        self.keys = [torch.zeros(B, H_kv, capacities[self.group(i)], D, device=device, dtype=dtype)
-                     for i in range(config.num_hidden_layers)]
+        self.keys = [torch.zeros(B, H_kv, capacities[group], D, device=device, dtype=dtype)
+                     for group in self.group]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
         self.valid = [torch.zeros(B, c, dtype=torch.bool, device=device) for c in capacities]
         self.length = [torch.zeros(1, dtype=torch.long, device=device) for _ in capacities]
@@ -356,17 +316,14 @@ class KVCache:
         self.kept_image_tokens = None
         self.prefilled = False
 
-    def group(self, layer_index):
-        return int(layer_index >= self.first_pruned_layer)  # 0: every token; 1: FastV's kept ones
-
     def update(self, layer_index, k, v):
-        """Prefill: the prompt's keys and values (B, H_kv, T, D) go to slots 0 .. T-1 and come back
-        as they are. Decode: the new token's go to slot length[g]; every slot comes back."""
+        """Prefill: keys and values (B, H_kv, T, D) go to slots 0 .. T-1 and come back as they are.
+        Decode: the new token's go to slot length[g]; every slot comes back."""
         keys, values = self.keys[layer_index], self.values[layer_index]
         if not self.prefilled:
             keys[:, :, : k.shape[2]], values[:, :, : v.shape[2]] = k, v
             return k, v
-        slot = self.length[self.group(layer_index)]
+        slot = self.length[self.group[layer_index]]
         keys.index_copy_(2, slot, k)
         values.index_copy_(2, slot, v)
         return keys, values  # (B, H_kv, capacity, D): `valid` masks what is not a real token
@@ -386,17 +343,12 @@ class KVCache:
 
 
 # ------------------------------------------------------------------------------------------------
-# FastV: its settings, what a pruning rule gets to see, and FastV's own rule. The pruning step
-# itself sits inline in Llava.forward, where the decoder loop reaches layer K.
+# FastV: its settings, what a rule sees, FastV's rule. The step is inline in Llava.forward.
 
 
 def attention_rows(queries, keys, key_mask, num_rows=1):
-    """Softmax attention of the last `num_rows` queries over every key, per head:
-    (B, H, num_rows, S), float32.
-
-    The attention weights SDPA computes inside and never returns, for just the rows we need:
-    FastV reads one (the last token's), the analysis the answer tokens'. Masks as in the model.
-    """
+    """Softmax attention (B, H, num_rows, S), float32, of the last num_rows queries: the weights
+    SDPA never returns, for just the rows we need (FastV: one, the last token's)."""
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # (B, H, S, D): GQA
     scale = queries.shape[-1] ** -0.5
     scores = queries[:, :, -num_rows:].float() @ keys.float().transpose(-1, -2) * scale
@@ -423,20 +375,10 @@ class PruningInputs:
     sin: torch.Tensor
     attention_mask: torch.Tensor  # (B, T): 1 for real tokens, 0 for left padding
 
-    @property
-    def queries_without_rope(self):
-        return apply_rope(self.queries, self.cos, -self.sin)  # turning back by the angle undoes it
-
-    @property
-    def keys_without_rope(self):
-        return apply_rope(self.keys, self.cos, -self.sin)
-
 
 def fastv_rule(inputs: PruningInputs):
-    """FastV's rule: keep the image tokens that the last token attended to most (mean over heads).
-
-    Returns (B, num_keep) indices into the image tokens (0 .. N-1), in any order.
-    """
+    """FastV's rule: keep the image tokens the last token attended to most (mean over heads).
+    Returns (B, num_keep) indices into the image tokens (0 .. N-1), in any order."""
     attention = inputs.last_token_attention.mean(dim=1)  # (B, T): mean over heads
     image_attention = attention.gather(1, inputs.image_positions)  # (B, N)
     return image_attention.topk(inputs.num_keep, dim=-1).indices
@@ -463,9 +405,8 @@ class FastV:
 
 
 def visual_layout(visual_ids, config: LlavaConfig):
-    """For the visual tokens (B, N) of a prompt, in order: is_video, frame and patch, as
-    PruningInputs has them. Images and frames are counted apart; a frame's CLS token (patch -1)
-    comes first, as does a "full" image's."""
+    """is_video, frame and patch of a prompt's visual tokens (B, N), as PruningInputs has them;
+    images and frames counted apart, a frame's CLS token (patch -1) first, as a "full" image's."""
     is_video = visual_ids != config.image_token_id  # (B, N): the only other visual token: <video>
     rank = torch.where(is_video, is_video.cumsum(1), (~is_video).cumsum(1)) - 1  # among its kind
     per_item = torch.where(is_video, config.vision.grid_size**2 + 1, config.image_tokens_per_image)
@@ -474,24 +415,20 @@ def visual_layout(visual_ids, config: LlavaConfig):
 
 
 def first_true(mask, count):
-    """Indices (B, count) of the first `count` True entries of each row of `mask` (B, T), in
-    order: nonzero() without making the host wait for the GPU to count. A stable sort moves them
-    to the front, in order."""
+    """Indices (B, count) of the first `count` True entries of each row of mask (B, T), in order:
+    nonzero() without the host waiting for the GPU to count (a stable sort moves them first)."""
     return mask.long().argsort(dim=1, descending=True, stable=True)[:, :count]
 
 
 def check_kept(keep, batch_size, num_visual, num_keep, check_values=True):
-    """A rule's answer must be (B, num_keep) distinct indices of image tokens: say so if not.
-    Checking the values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
-    if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch_size, num_keep):
-        shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+    """A rule's answer must be (B, num_keep) distinct image-token indices: say so if not. Checking
+    the values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
+    shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+    ordered = keep.sort(dim=-1).values if shape == (batch_size, num_keep) else None
+    if ordered is None or check_values and keep.numel() and (ordered[:, 0].min() < 0 or (
+            ordered[:, -1].max() >= num_visual) or (ordered.diff() == 0).any()):
         raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of "
-                            f"indices, got {shape}.")
-    ordered = keep.sort(dim=-1).values if check_values and keep.numel() else None
-    if ordered is not None and (ordered[:, 0].min() < 0 or ordered[:, -1].max() >= num_visual
-                                or (ordered.diff(dim=-1) == 0).any()):
-        raise SettingsError("The pruning rule must return distinct image-token indices in "
-                            f"[0, {num_visual}).")
+                            f"distinct image-token indices in [0, {num_visual}), got {shape}.")
     return keep.long()
 
 
@@ -505,8 +442,7 @@ def check_shape(name, tensor, expected):
 
 @dataclass
 class LayerView:
-    """What `observe` receives after each decoder layer of a prefill: the one documented way to
-    look inside the model (the analysis, the bench and the figures use it)."""
+    """What `observe` gets after each decoder layer of a prefill: the one way to look inside."""
 
     index: int  # the decoder layer
     queries: torch.Tensor  # (B, H, T, D): its queries, after RoPE (T shrinks from FastV's K on)
@@ -516,11 +452,12 @@ class LayerView:
 
 
 # ------------------------------------------------------------------------------------------------
-# LLaVA: image features replace the <image> placeholders, then the decoder runs: the prefill
-# (forward, FastV inline) once, then decode_step one token at a time. generation.py drives them.
+# LLaVA: the prefill (forward, FastV inline) once, then decode_step a token at a time.
 
 
 class Llava(nn.Module):
+    TOWERS = ("vision_tower", "image_tower", "video_tower")  # LLaVA's CLIP tower; Video-LLaVA's 2
+
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
@@ -530,7 +467,11 @@ class Llava(nn.Module):
             self.image_tower = CLIPVisionTower(config.vision)
             self.video_tower = CLIPVisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config)
-        self.language_model = LlamaModel(config.text)
+        text = config.text  # the decoder's weights; its loop is Llava.forward's, FastV inline
+        self.language_model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(text.vocab_size, text.hidden_size),
+            layers=nn.ModuleList(LlamaDecoderLayer(text) for _ in range(text.num_hidden_layers)),
+            norm=RMSNorm(text.hidden_size, text.rms_norm_eps)))
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         # RoPE tables: made by init_rope() once real memory exists (they are not in the checkpoint).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -544,21 +485,16 @@ class Llava(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
-    @property
-    def device(self):
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self):
-        return self.lm_head.weight.dtype
+    device = property(lambda self: self.lm_head.weight.device)
+    dtype = property(lambda self: self.lm_head.weight.dtype)
 
     def towers(self):
         """The loaded CLIP towers: LLaVA's one, Video-LLaVA's two, or the one loaded."""
-        return [tower for name in TOWERS if (tower := getattr(self, name, None)) is not None]
+        return [tower for name in self.TOWERS if (tower := getattr(self, name, None)) is not None]
 
     def cache_shape(self, input_ids, fastv=None, room=0, bucket=1):
-        """(B, capacities, K) of a KVCache for the prefill of input_ids (B, T) and `room` tokens
-        after it; capacities round up to a multiple of `bucket` (see compiled.py)."""
+        """(B, capacities, K) of a KVCache for a prefill of input_ids (B, T) and `room` tokens
+        after it; capacities round up to a multiple of `bucket` (compiled.py)."""
         num_visual = int(self.config.is_visual(input_ids[0]).sum())
         prunes = fastv is not None and num_visual > 0
         num_tokens = input_ids.shape[1]
@@ -582,8 +518,7 @@ class Llava(nn.Module):
 
     def image_features(self, pixel_values):
         """(N, 3, 336, 336) pixels -> (N, 576, C) decoder inputs, one row per image patch."""
-        size = self.config.vision.image_size
-        channels = self.config.vision.num_channels
+        size, channels = self.config.vision.image_size, self.config.vision.num_channels
         check_shape("pixel_values", pixel_values, (None, channels, size, size))
         tower = self.vision_tower if self.config.video_token_id is None else self.image_tower
         keep_cls = self.config.vision_feature_select_strategy == "full"
@@ -614,7 +549,7 @@ class Llava(nn.Module):
                 continue
             is_placeholder = input_ids == token_id
             num_placeholders = int(is_placeholder.sum())
-            num_items = 0 if pixels is None else pixels.shape[0]
+            num_items = 0 if pixels is None else len(pixels)
             if num_placeholders != num_items * per_item:
                 raise ValueError(f"The prompt holds {num_placeholders} <{kind}> tokens but "
                                  f"{num_items} {kind}(s) need {num_items * per_item} ({per_item} "
@@ -626,34 +561,28 @@ class Llava(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
                 cache=None, fastv=None, last_logits_only=False, observe=None):
-        """The prefill: logits for input_ids (B, T), left padding marked 0 in attention_mask.
-
-        With `fastv` (FastV), visual tokens are dropped at layer K and the logits cover the kept
-        tokens: (B, T_kept, vocab). With `cache` (an empty KVCache from new_cache), every layer's
-        keys and values are stored for decode_step. `observe` gets a LayerView after each layer."""
+        """The prefill: logits for input_ids (B, T), left padding marked 0 in attention_mask. With
+        `fastv`, visual tokens are dropped at layer K: logits (B, T_kept, vocab). `cache` (from
+        new_cache) stores keys and values for decode_step; `observe` gets each layer's LayerView."""
         B, T = input_ids.shape
-        config, device = self.config, self.device
+        config, device, num_layers = self.config, self.device, len(self.language_model.layers)
         # Counted where the caller holds the ids (the host, usually): FastV never waits for the GPU.
         visual_counts = [0] if fastv is None else config.is_visual(input_ids).sum(dim=1).tolist()
+        prunes = fastv is not None and visual_counts[0] > 0
         input_ids = input_ids.to(device)
         key_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        check_shape("attention_mask", key_mask, tuple(input_ids.shape))
         key_mask = key_mask.to(device).long()  # (B, T): 1 for real tokens, 0 for left padding
-        if key_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(key_mask.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}.")
         if T > config.text.max_position_embeddings:
-            raise ValueError(f"The sequence has {T} tokens but the model's context is "
+            raise ValueError(f"The prompt has {T} tokens, the model's context is "
                              f"{config.text.max_position_embeddings} tokens.")
-        num_layers = len(self.language_model.layers)
         if fastv is not None and not fastv.k < num_layers:
-            raise SettingsError(f"FastV's k must be between 1 and {num_layers - 1} for this model, "
-                                f"got {fastv.k}.")
-        prunes = fastv is not None and visual_counts[0] > 0
+            raise SettingsError(f"FastV's k must be between 1 and {num_layers - 1}, got {fastv.k}.")
         if prunes and len(set(visual_counts)) > 1:
             raise SettingsError("FastV needs the same number of image tokens in every prompt of a "
                                 f"batch, got {visual_counts}.")
         if cache is not None and (cache.prefilled or cache.first_pruned_layer != (
-                fastv.k if prunes else len(self.language_model.layers))):
+                fastv.k if prunes else num_layers)):
             raise SettingsError("A KVCache holds one prefill, with the FastV settings it was made "
                                 "for: make one with model.new_cache(input_ids, fastv).")
         # Each token's position among the real (unpadded) tokens; padding gets 0. FastV keeps it.
@@ -673,7 +602,7 @@ class Llava(nn.Module):
                 is_visual = config.is_visual(input_ids)  # (B, T): image and video tokens
                 num_visual, num_keep = visual_counts[0], fastv.num_keep(visual_counts[0])
                 visual_positions = first_true(is_visual, num_visual)  # (B, N), in sequence order
-                visual_ids = input_ids.gather(1, visual_positions)
+                visual_ids = input_ids.gather(1, visual_positions)  # (B, N)
                 is_video, frame, patch = visual_layout(visual_ids, config)
                 last_row = attention_rows(previous_queries, previous_keys, key_mask)[:, :, -1]
                 inputs = PruningInputs(
@@ -707,19 +636,15 @@ class Llava(nn.Module):
         return self.lm_head(self.language_model.norm(x))  # (B, T or T_kept, vocab)
 
     def decode_step(self, token, cache):
-        """One new token per sequence (B,) after a prefill into `cache`: its logits (B, vocab).
-
-        Fixed shapes and no host synchronization, so that it compiles to one graph: every layer
-        attends over all its cache slots, masked by `valid`. The new token is real and sees itself.
-        """
+        """One new token per sequence (B,) after a prefill into `cache`: logits (B, vocab). Fixed
+        shapes, no host sync, so it compiles to one graph: each layer attends to all its slots."""
         for valid, length in zip(cache.valid, cache.length):
             valid.index_fill_(1, length, True)
         x = self.language_model.embed_tokens(token[:, None])  # (B, 1, C)
         cos, sin = self.rope(cache.next_position[:, None], x.dtype)  # (B, 1, 1, D)
         masks = [valid[:, None, None, :] for valid in cache.valid]  # (B, 1, 1, capacity) a group
         for index, layer in enumerate(self.language_model.layers):
-            x, _ = layer(x, cos, sin, masks[cache.group(index)], cache, index)
-        for length in cache.length:
-            length.add_(1)
-        cache.next_position.add_(1)
+            x, _ = layer(x, cos, sin, masks[cache.group[index]], cache, index)
+        for counter in (*cache.length, cache.next_position):  # a slot and a position further on
+            counter.add_(1)
         return self.lm_head(self.language_model.norm(x))[:, -1]  # (B, vocab)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .model import PruningInputs, attention_rows, fastv_rule
+from .model import PruningInputs, apply_rope, attention_rows, fastv_rule
 
 
 def random_rule(inputs: PruningInputs):
@@ -48,7 +48,9 @@ def no_rope_rule(inputs: PruningInputs):
     FEATHER (arXiv 2412.13180) shows that RoPE makes the last token favour the image tokens closest
     to it, i.e. the bottom of the image; scoring without RoPE removes that bias.
     """
-    queries, keys = inputs.queries_without_rope, inputs.keys_without_rope
+    # Turning back by the same angle undoes RoPE.
+    queries = apply_rope(inputs.queries, inputs.cos, -inputs.sin)  # (B, H, T, D)
+    keys = apply_rope(inputs.keys, inputs.cos, -inputs.sin)  # (B, H_kv, T, D)
     attention = attention_rows(queries, keys, inputs.attention_mask)[:, :, -1]  # (B, H, T)
     image_attention = attention.mean(dim=1).gather(1, inputs.image_positions)  # (B, N)
     return image_attention.topk(inputs.num_keep, dim=-1).indices

@@ -202,10 +202,10 @@ def test_no_rope_scores_differ_from_fastv(ours):
     ids, mask, pixels = make_case(1, 1)
     inputs = capture_inputs(ours, ids, pixels)
     with_rope = inputs.last_token_attention
-    without_rope = M.attention_rows(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)
+    without_rope = M.attention_rows(M.apply_rope(inputs.queries, inputs.cos, -inputs.sin), M.apply_rope(inputs.keys, inputs.cos, -inputs.sin), inputs.attention_mask)
     assert not torch.allclose(with_rope, without_rope, atol=1e-4)
     # Undoing RoPE and doing it again gives back the rotated queries: the inverse is right.
-    again = M.apply_rope(inputs.queries_without_rope, inputs.cos, inputs.sin)
+    again = M.apply_rope(M.apply_rope(inputs.queries, inputs.cos, -inputs.sin), inputs.cos, inputs.sin)
     assert torch.allclose(again, inputs.queries, atol=1e-5)
 
 

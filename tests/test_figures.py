@@ -12,7 +12,7 @@ import torch
 from minifastv import bench, figures
 from minifastv.checkpoint import read_config
 from minifastv.flops import exact_prefill_flops
-from minifastv.model import FastV, attention_rows, rope_tables
+from minifastv.model import FastV, apply_rope, attention_rows, rope_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "minifastv" / "assets" / "figures"
@@ -170,7 +170,7 @@ def test_kept_patches_are_the_rules_own_and_fastv_drifts_down():
 def test_the_kept_patches_are_far_from_a_tie():
     """The 288th and 289th scores differ by far more than float32 rounding, so every machine keeps the same patches."""
     inputs = figures.synthetic_pruning_inputs(read_config(REAL_CONFIG), FastV(2, 0.5))
-    without_rope = attention_rows(inputs.queries_without_rope, inputs.keys_without_rope, inputs.attention_mask)[:, :, -1]
+    without_rope = attention_rows(apply_rope(inputs.queries, inputs.cos, -inputs.sin), apply_rope(inputs.keys, inputs.cos, -inputs.sin), inputs.attention_mask)[:, :, -1]
     for rows in (inputs.last_token_attention, without_rope):
         scores = rows.mean(dim=1)[0, inputs.image_positions[0]].double().sort(descending=True).values
         assert (scores[287] - scores[288]) / scores[287] > 1e-4
