@@ -122,3 +122,13 @@ def test_no_import_runs_back_up():
 def test_the_read_along_file_stays_short():
     lines = len((PACKAGE / "model.py").read_text().splitlines())
     assert lines <= 650, f"minifastv/model.py has {lines} lines; the read-along file stays at 650 or fewer"
+
+
+def test_pyproject_depends_on_what_requirements_txt_lists():
+    """pip install -e . and pip install -r requirements.txt bring the same runtime packages."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    lines = (PACKAGE.parent / "requirements.txt").read_text().splitlines()
+    listed = [line.split("#")[0].strip() for line in lines]
+    assert sorted(project["dependencies"]) == sorted(filter(None, listed))
