@@ -62,7 +62,7 @@ from .errors import UsageError
 from .generation import generate
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt
+from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt, left_pad
 from .rules import RULES, load_rule
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's eval prompt
@@ -279,12 +279,7 @@ def answer_batch(model, tokenizer, prompts, pixel_values, fastv, max_new_tokens)
     """Greedy answers to B questions at once: the prompts (1, T_i) left-padded into one (B, T)
     batch, the padding masked out. One image per question gives every row as many image tokens,
     as FastV needs."""
-    length = max(ids.shape[1] for ids in prompts)
-    input_ids = torch.full((len(prompts), length), model.config.pad_token_id)
-    attention_mask = torch.zeros_like(input_ids)  # (B, T): 0 on the left padding
-    for row, ids in enumerate(prompts):
-        input_ids[row, length - ids.shape[1]:] = ids[0]
-        attention_mask[row, length - ids.shape[1]:] = 1
+    input_ids, attention_mask = left_pad(prompts, model.config.pad_token_id)  # (B, T) each
     new_tokens = generate(model, input_ids, pixel_values, attention_mask=attention_mask,
                           max_new_tokens=max_new_tokens, fastv=fastv)  # (B, N)
     eos = model.config.text.eos_token_id

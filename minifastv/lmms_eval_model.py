@@ -33,7 +33,6 @@ installed: nothing in minifastv imports it.
 
 import json
 
-import torch
 from accelerate import Accelerator
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -47,7 +46,7 @@ from .rules import load_rule
 from .generation import Sampling, generate
 from .image import ImageProcessorConfig, preprocess
 from .model import FastV
-from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt
+from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt, left_pad
 
 
 def manifest():
@@ -140,12 +139,9 @@ class MinifastvLmms(lmms):
         until = settings.get("until") or []
         until = [until] if isinstance(until, str) else until
 
-        length = max(ids.shape[1] for ids, _ in questions)
-        input_ids = torch.full((len(questions), length), self.model.config.pad_token_id)
-        attention_mask = torch.zeros_like(input_ids)  # (B, T): 0 on the left padding
-        for row, (ids, _) in enumerate(questions):
-            input_ids[row, length - ids.shape[1]:] = ids[0]
-            attention_mask[row, length - ids.shape[1]:] = 1
+        prompts = [ids for ids, _ in questions]
+        input_ids, attention_mask = left_pad(prompts, self.model.config.pad_token_id)  # (B, T)
+        length = input_ids.shape[1]
         images = [image for _, row_images in questions for image in row_images]
         pixel_values = preprocess(images, self.image_config, pad=self.pad) if images else None
         context = self.model.config.text.max_position_embeddings

@@ -172,3 +172,15 @@ def encode_prompt(tokenizer, text, image_tokens_per_image, tokens_per_video=0):
     for token_id in tokenizer.encode(text):
         ids += [token_id] * copies.get(token_id, 1)
     return torch.tensor([ids], dtype=torch.long)
+
+
+def left_pad(prompts, pad_token_id):
+    """Prompts (1, T_i) as one batch: input_ids (B, T) padded on the left with pad_token_id, and
+    an attention_mask (B, T) of 1 for the real tokens, 0 for the padding."""
+    length = max(ids.shape[1] for ids in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, length - ids.shape[1]:] = ids[0]
+        attention_mask[row, length - ids.shape[1]:] = 1
+    return input_ids, attention_mask

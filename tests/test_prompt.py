@@ -271,3 +271,11 @@ def test_stream_flushes_an_unfinished_character(tokenizers_pair):
     pieces = stream(tokenizer, ids)
     assert "".join(pieces[:-1]) == "ok "
     assert "".join(pieces) == tokenizer.decode(ids)  # the flush hands out what decode shows (U+FFFD marks)
+
+
+def test_left_pad_puts_the_padding_on_the_left_and_masks_it():
+    from minifastv.prompt import left_pad
+
+    input_ids, attention_mask = left_pad([torch.tensor([[5, 6]]), torch.tensor([[7, 8, 9]])], 0)
+    assert input_ids.tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
