@@ -164,7 +164,7 @@ def test_every_code_cell_says_what_to_expect_and_asks_a_question():
 
 def test_the_lesson_has_its_cells():
     for needle in ("git\", \"clone", "flops_command(", "bench.main(", "minifastv.load(question.folder", "answer_fast, stats_fast = run(",
-                   "R_VALUES = [0.0, 0.25, 0.5, 0.75, 0.9]", "attention_allocation(", "def my_rule(", "VIDEO_MODEL,"):
+                   "R_VALUES = [0.0, 0.25, 0.5, 0.75, 0.9]", "attention_allocation(", "def my_rule(", "evaluation.main(", "VIDEO_MODEL,"):
         code_cell_index(needle)
     setup = code_cells()[0]
     assert 'CLONE = "minifastv-course"' in setup and "sys.path.insert(0, os.getcwd())" in setup  # the clone never shadows
@@ -187,6 +187,7 @@ def test_notebook_runs_on_the_tiny_models(offline_run):
     assert namespace["sweep"][0]["agreement"] == 1.0 and "(no plot: matplotlib" in out
     assert "system" in out and "image" in out  # the allocation table
     assert namespace["answer_mine"] is not None and namespace["stats_mine"].image_tokens_kept == 288
+    assert "cat-questions: 2 questions, LLaVA-1.5's protocol" in out and "K2R0.75 fastv is not distinguishable" in out
     assert "video tokens 2056 -> 1028 kept" in out and namespace["video_model"].image_tower is None
     text_config = namespace["question"].config.text  # the first markdown cell describes the tiny model
     assert f"a {text_config.hidden_size}-wide, {text_config.num_hidden_layers}-layer decoder" in " ".join(
@@ -269,6 +270,9 @@ def test_the_numbers_the_configs_give():
     before, after = markdown_around(code_cell_index("def my_rule("))
     kept = round(576 * 0.5)  # a random rule's expected overlap with FastV's: each kept token is in a random half with p = 1/2
     assert f"{kept // 2}: each of FastV's {kept} tokens is in a random half with probability one half" in after
+    before, _ = markdown_around(code_cell_index("evaluation.main("))
+    floor = re.search(r"a floor of \d+ s", " ".join((ROOT / "tutorial.md").read_text().split())).group()
+    assert f"{floor} for the 600 answers" in before  # tutorial chapter 10 computes it (tests/test_tutorial_numbers.py)
     before, _ = markdown_around(code_cell_index("VIDEO_MODEL,"))
     video_weights = parameter_count(video, ("video",)) * 2 / 2**30
     video_cache = kv_cache_bytes(video, 36 + video.tokens_per_video, video.tokens_per_video, 2, 0.5) / 2**30

@@ -657,9 +657,54 @@ def claim_images():
     yield ("fills a 336 x 189 band, 1.8 times coarser", f"fills a {side} x {band} band, {side / band:.1f} times coarser")
 
 
+def claim_eval():
+    """Chapter 10: the statistics of an accuracy and of a paired difference, and the T4's floor for
+    `python -m minifastv.eval --limit 200 --settings none,K2R0.5,K2R0.75`, from the T4's datasheet (65 TFLOP/s,
+    320 GB/s: quoted), the exact FLOPs and the bytes of a decode step."""
+    import math
+
+    from minifastv.bench import decode_step_bytes
+    from minifastv.eval import PROMPT
+    from minifastv.flops import exact_prefill_flops
+    from minifastv.prompt import encode_prompt
+
+    z, n, changed = 1.96, 200, 0.05
+    yield ("for p=0.85 and N=200: ±4.9 points", f"for p=0.85 and N={n}: ±{100 * z * math.sqrt(0.85 * 0.15 / n):.1f} points")
+    yield ("With 5% of the answers changed, 200 questions give ±3.1 points; an interval of ±1 point needs about "
+           "38,416·f questions, some 1,900",
+           f"With {changed:.0%} of the answers changed, {n} questions give ±{100 * z * math.sqrt(changed / n):.1f} points; an "
+           f"interval of ±1 point needs about {z**2 / 0.01**2:,.0f}·f questions, some {round(z**2 / 0.01**2 * changed, -2):,.0f}")
+    flops_per_s, bytes_per_s, image = 65e12, 320e9, config().image_tokens_per_image
+    step_gb = decode_step_bytes(meta_model()) // 4 * 2 / 1e9  # the meta model is float32; float16 is 2 bytes a value
+    settings = (None, 0.5, 0.75)
+
+    def t4_floor():
+        question = "Is there a dog in the image?"
+        tokens = encode_prompt(tokenizer(), PROMPT.format(question=question), image).shape[1]
+        flops = [exact_prefill_flops(config(), tokens, image, None if r is None else 2, r or 0.0) for r in settings]
+        ms = [f / flops_per_s * 1e3 for f in flops]
+        step_ms = step_gb * 1e9 / bytes_per_s * 1e3
+        total_s = n * (sum(ms) + len(settings) * step_ms) / 1e3
+        return (f"a POPE prompt such as \"{question}\" is {tokens} tokens (LLaVA's system prompt, the question, the "
+                f"instruction, {image} image tokens), whose prefill is {flops[0] / 1e12:.2f} TFLOPs unpruned, "
+                f"{flops[1] / 1e12:.2f} at R=0.5 and {flops[2] / 1e12:.2f} at R=0.75 (the exact count of `minifastv.flops`): "
+                f"at least {ms[0]:.0f}, {ms[1]:.0f} and {ms[2]:.0f} ms at the T4's {flops_per_s / 1e12:.0f} TFLOP/s. Each "
+                f"answer, \"Yes\" or \"No\" and then the end token, adds one decode step that reads the {step_gb:.1f} GB of "
+                f"decoder and `lm_head` weights: at least {step_ms:.0f} ms at the T4's {bytes_per_s / 1e9:.0f} GB/s "
+                f"(NVIDIA's datasheet). {n} questions in {len(settings)} settings: a floor of {total_s:.0f} s.")
+
+    yield ("a POPE prompt such as \"Is there a dog in the image?\" is 637 tokens (LLaVA's system prompt, the question, "
+           "the instruction, 576 image tokens), whose prefill is 8.85 TFLOPs unpruned, 5.22 at R=0.5 and 3.43 at R=0.75 "
+           "(the exact count of `minifastv.flops`): at least 136, 80 and 53 ms at the T4's 65 TFLOP/s. Each answer, "
+           "\"Yes\" or \"No\" and then the end token, adds one decode step that reads the 13.2 GB of decoder and "
+           "`lm_head` weights: at least 41 ms at the T4's 320 GB/s (NVIDIA's datasheet). 200 questions in 3 settings: "
+           "a floor of 79 s.", t4_floor)
+
+
 CLAIM_GROUPS = {"parameters": claim_parameters, "shapes": claim_shapes, "cache_and_decode": claim_cache_and_decode,
                 "tokens": claim_tokens, "figures": claim_figures, "fastv": claim_fastv, "cpu_bench": claim_cpu_bench,
-                "cpu_figure": claim_cpu_figure, "gpu": claim_gpu, "video": claim_video, "images": claim_images}
+                "cpu_figure": claim_cpu_figure, "gpu": claim_gpu, "video": claim_video, "images": claim_images,
+                "eval": claim_eval}
 
 
 @pytest.mark.parametrize("group", CLAIM_GROUPS)
@@ -723,6 +768,10 @@ QUOTED = {
     "~15.0 GiB": "weights + cache + estimate (claimed above)", "~14.4 GiB": "ditto", "~14.0 GiB": "ditto",
     "with 32 tokens": "the measured answer length", "R=50%": "a setting", "R=75%": "a setting", "R=25%": "a setting",
     "of 256 overflows": "claimed above", "4 x 4-patch": "the toy image", "4 x 4 = 16": "claimed above",
+    # chapter 10: published accuracy (as reported in the papers' tables), and a made-up example
+    "with the prefill FLOPs cut from 100% to 55%": "FastV, arXiv 2403.06764, Table 1",
+    "it scores 83% against 85% without it": "an example in a question",
+    "95% half-width": "the level of minifastv.eval's intervals (eval.Z)",
 }
 
 
