@@ -421,15 +421,15 @@ def first_true(mask, count):
 
 
 def check_kept(keep, batch_size, num_visual, num_keep, check_values=True):
-    """A rule's answer must be (B, num_keep) distinct image-token indices: say so if not. Checking
-    the values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
+    """A rule's answer, sorted, once it is (B, num_keep) distinct image-token indices. Checking the
+    values waits for the GPU, so FastV's own top-k, right by construction, skips it."""
     shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
     ordered = keep.sort(dim=-1).values if shape == (batch_size, num_keep) else None
     if ordered is None or check_values and keep.numel() and (ordered[:, 0].min() < 0 or (
             ordered[:, -1].max() >= num_visual) or (ordered.diff() == 0).any()):
         raise SettingsError(f"The pruning rule must return a ({batch_size}, {num_keep}) tensor of "
                             f"distinct image-token indices in [0, {num_visual}), got {shape}.")
-    return keep.long()
+    return ordered.long()
 
 
 def check_shape(name, tensor, expected):
@@ -611,11 +611,11 @@ class Llava(nn.Module):
                     grid_size=config.vision.grid_size, is_video=is_video, frame=frame, patch=patch,
                     hidden_states=x, queries=previous_queries, keys=previous_keys, cos=cos, sin=sin,
                     attention_mask=key_mask)
-                kept_visual = check_kept(fastv.rule(inputs), B, num_visual, num_keep,
-                                         check_values=fastv.rule is not fastv_rule)  # (B, num_keep)
+                kept_image_tokens = check_kept(fastv.rule(inputs), B, num_visual, num_keep,
+                                         check_values=fastv.rule is not fastv_rule)  # sorted
                 # Every text token survives; so do the chosen visual tokens, in sequence order.
                 survives = ~is_visual
-                survives.scatter_(1, visual_positions.gather(1, kept_visual), True)
+                survives.scatter_(1, visual_positions.gather(1, kept_image_tokens), True)
                 survivors = first_true(survives, T - num_visual + num_keep)  # (B, T_kept)
                 x = x[torch.arange(B, device=device)[:, None], survivors]  # (B, T_kept, C)
                 positions = positions.gather(1, survivors)  # their ORIGINAL positions
@@ -623,7 +623,6 @@ class Llava(nn.Module):
                 key_mask = key_mask.gather(1, survivors)  # (B, T_kept)
                 mask = None if mask is None else visible_keys(key_mask, survivors.shape[1])
                 key_masks.append(key_mask)
-                kept_image_tokens = kept_visual.sort(dim=-1).values
                 # ==================================================================================
             x, (previous_queries, previous_keys) = layer(x, cos, sin, mask, cache, index)
             if observe is not None:
