@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from .errors import CheckpointError, SettingsError
 from .model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 DEFAULT_REPO = "llava-hf/llava-1.5-7b-hf"
-WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS",
-                                  Path(__file__).resolve().parent.parent / "weights"))
+# Downloads and the tiny models: $MINIFASTV_WEIGHTS; else a clone's weights/ folder; else, for an
+# installed package, ~/.cache/minifastv.
+CLONE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(os.environ.get("MINIFASTV_WEIGHTS") or (
+    CLONE_WEIGHTS if CLONE_WEIGHTS.is_dir() else Path.home() / ".cache" / "minifastv"))
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "preprocessor_config.json", "processor_config.json",
@@ -394,6 +398,18 @@ def default_dtype(device):
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells them
 
 
+def weights_folder():
+    """WEIGHTS_DIR, created if missing and checked to take files: downloads land there."""
+    try:
+        WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=WEIGHTS_DIR).close()
+    except OSError as error:
+        raise CheckpointError(f"The weights folder {WEIGHTS_DIR} cannot be written "
+                              f"({error.strerror or error}): set MINIFASTV_WEIGHTS to a folder "
+                              "that can.") from None
+    return WEIGHTS_DIR
+
+
 def resolve_folder(path_or_repo_id):
     """A local folder as is; a hub repo id downloaded (once) into weights/<owner>--<name>."""
     path = Path(path_or_repo_id).expanduser()
@@ -403,13 +419,16 @@ def resolve_folder(path_or_repo_id):
         raise CheckpointError(f"{path} is a file: give the model folder that holds config.json and "
                               "the .safetensors files.")
     name = str(path_or_repo_id)
+    if name in ("tiny", "tiny-video"):
+        raise CheckpointError(f"There is no model folder {name}: the tiny random model is "
+                              f"minifastv.load(minifastv.tiny_checkpoint(video={name != 'tiny'})).")
     if not REPO_ID.fullmatch(name) or name.startswith(".") or Path(name.split("/")[0]).is_dir():
         raise CheckpointError(f"There is no model folder {name} (looked in "
                               f"{path.resolve().parent}), and it is not a hub repo id like "
                               f"{DEFAULT_REPO}.")
     from huggingface_hub import snapshot_download
 
-    target = WEIGHTS_DIR / name.replace("/", "--")
+    target = weights_folder() / name.replace("/", "--")
     try:
         snapshot_download(repo_id=name, local_dir=target, allow_patterns=HUB_FILES)
     except Exception as error:  # the hub's errors vary by version and network; all mean the same

@@ -6,8 +6,10 @@ The commands are python -m minifastv (__main__.py), -m minifastv.analyze, -m min
 -m minifastv.flops (flops/__main__.py). Each imports this module and none imports another command.
 """
 
+import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,16 +21,22 @@ from .compiled import compile_model
 from .errors import CheckpointError, MinifastvError, UsageError
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import Tokenizer, count_images, count_videos, encode_prompt, format_prompt
+from .prompt import (SYSTEM_PROMPTS, Tokenizer, count_images, count_videos, encode_prompt,
+                     format_prompt)
 from .tiny import TINY_NOTE, tiny_checkpoint
 from .video import load_video, preprocess_video
 
 # the cat photo shipped in the repo
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea.png"
 DTYPES = ["auto", "float16", "bfloat16", "float32"]
+VERSION = "0.1.0"  # the package's version: pyproject.toml and minifastv.__version__ read it here
 
 # ------------------------------------------------------------------------------------------------
 # Arguments
+
+
+def add_version_argument(parser):
+    parser.add_argument("--version", action="version", version=f"minifastv {VERSION}")
 
 
 def add_model_arguments(parser):
@@ -66,9 +74,9 @@ def add_fastv_arguments(parser):
 
 def add_question_arguments(parser, max_new_tokens):
     parser.add_argument(
-        "--image", nargs="+", metavar="PATH",
-        help="one or more images, in prompt order (default, without --video: a photo of a cat "
-             "shipped in the repo)")
+        "--image", nargs="+", action="extend", metavar="PATH",
+        help="one or more images, in prompt order; --image a b and --image a --image b are the "
+             "same (default, without --video: a photo of a cat shipped in the repo)")
     parser.add_argument(
         "--video", metavar="PATH",
         help="a video for Video-LLaVA: an animated GIF/WebP/PNG, a folder of frames, or an "
@@ -82,6 +90,19 @@ def add_question_arguments(parser, max_new_tokens):
     parser.add_argument(
         "--pad", action="store_true",
         help="pad each image to a square (original LLaVA) instead of center-cropping it (llava-hf)")
+
+
+def add_system_argument(parser, default="none"):
+    parser.add_argument(
+        "--system", choices=["none", *SYSTEM_PROMPTS], default=default,
+        help="the system prompt before the first turn: none (llava-hf's chat template), vicuna_v1 "
+             "(what LLaVA-1.5 was trained with and its authors evaluated with) or llava_v1 "
+             "(FastV's scripts: 'human' for 'user') (default %(default)s)")
+
+
+def system_prompt(name):
+    """The text of --system NAME; None for none."""
+    return SYSTEM_PROMPTS.get(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +137,25 @@ def check_fastv(k, r, num_layers=None, num_image_tokens=0):
     return FastV(k, r)
 
 
+def check_output(path, flag, folder=False):
+    """Refuse an output that cannot be written, before any slow work: a file's folder (or the
+    folder itself, folder=True) is created if missing and must take a file. Returns the path."""
+    path = Path(path)
+    where = path if folder else path.parent
+    try:
+        if not folder and path.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{flag} {path} cannot be written: a file stands where a folder of its "
+                         "path should be.") from None
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written ({error.strerror or error}): "
+                         "choose another place.") from None
+    return path
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +165,8 @@ def pick_device(name):
         raise UsageError(f"Unknown device {name!r}: use cpu, cuda or cuda:N.") from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"Device {name!r} is not supported: use cpu, cuda or cuda:N.")
+    if device.type == "cpu" and device.index is not None:
+        raise UsageError(f"Device {name!r}: the CPU is one device, write --device cpu.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"Device {name!r} was asked for, but PyTorch sees no CUDA GPU here: "
@@ -163,7 +205,8 @@ def prepare_question(args, use_fastv=True):
     image_paths = args.image or ([] if args.video else [str(DEFAULT_IMAGE)])
     video_paths = [args.video] if args.video else []
     tokenizer, input_ids, pixel_values, pixel_values_videos = encode_question(
-        folder, config, image_paths, video_paths, args.prompt, args.pad, args.max_new_tokens)
+        folder, config, image_paths, video_paths, args.prompt, args.pad, args.max_new_tokens,
+        system_prompt(getattr(args, "system", "none")))
     num_image_tokens = int(config.is_visual(input_ids).sum())
     fastv = check_fastv(
         args.k, args.r, config.text.num_hidden_layers, num_image_tokens) if use_fastv else None
@@ -175,10 +218,11 @@ def prepare_question(args, use_fastv=True):
         pixel_values_videos=pixel_values_videos, fastv=fastv, towers=towers)
 
 
-def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_new_tokens):
+def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_new_tokens,
+                    system=None):
     """(tokenizer, input_ids (1, T), pixel_values, pixel_values_videos) for a question about images
     and videos, checked against the model; the pixels are None where there is no image (no
-    video)."""
+    video). system: a system prompt's text, or None."""
     tokenizer = Tokenizer.from_folder(folder)
     if video_paths and config.video_token_id is None:
         raise UsageError(
@@ -200,6 +244,10 @@ def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_n
             f"{image_config.crop_width} images, but the vision tower takes {size} x {size}.")
     for kind, paths, placeholders in (("image", image_paths, count_images(prompt)),
                                       ("video", video_paths, count_videos(prompt))):
+        for tag in re.findall(rf"<\s*{kind}\s*>", prompt, flags=re.IGNORECASE):
+            if tag != f"<{kind}>":
+                raise UsageError(f"The prompt writes {tag}: the placeholder is <{kind}>, in lower "
+                                 "case and without spaces.")
         if placeholders and placeholders != len(paths):
             raise UsageError(
                 f"The prompt has {placeholders} <{kind}> placeholder(s) but {len(paths)} "
@@ -213,7 +261,8 @@ def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_n
             print(note, file=sys.stderr, flush=True)
         videos.append(preprocess_video(frames, image_config))
     pixel_values_videos = torch.stack(videos) if videos else None  # (num_videos, 8, 3, 224, 224)
-    text = format_prompt(prompt, num_images=len(image_paths), num_videos=len(video_paths))
+    text = format_prompt(prompt, num_images=len(image_paths), num_videos=len(video_paths),
+                         system=system)
     input_ids = encode_prompt(
         tokenizer, text, config.image_tokens_per_image, config.tokens_per_video)
     context = config.text.max_position_embeddings
@@ -286,6 +335,8 @@ def report_errors(main, argv=None):
     """
     try:
         main(argv)
+    except KeyboardInterrupt:
+        return interrupted()
     except torch.cuda.OutOfMemoryError:
         sys.stdout.flush()
         print("error: the GPU ran out of memory. Try --dtype float16, a smaller --max-new-tokens, "
@@ -295,4 +346,22 @@ def report_errors(main, argv=None):
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # Ctrl-C inside a library (torch.compile) may come back wrapped
+        if not any(isinstance(cause, KeyboardInterrupt) for cause in causes(error)):
+            raise
+        return interrupted()
     return 0
+
+
+def causes(error):
+    """The exception and the ones it was raised from or during."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def interrupted():
+    """Ctrl-C: one line and exit code 130 (the shell's 128 + SIGINT), what was printed stays."""
+    sys.stdout.flush()
+    print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    return 130

@@ -62,11 +62,11 @@ from .errors import UsageError
 from .generation import generate
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt, left_pad
+from .prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt, left_pad
 from .rules import RULES, load_rule
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's eval prompt
-PROMPT = format_prompt("{question}\n" + SHORT_ANSWER, system=LLAVA_SYSTEM_PROMPT)
+PROMPT = format_prompt("{question}\n" + SHORT_ANSWER, system=SYSTEM_PROMPTS["vicuna_v1"])
 Z = 1.959964  # the standard normal's 97.5% quantile: 95% intervals
 # What a file must share with this run for --resume to continue it; its header holds them.
 RESUME_KEYS = ("model", "task", "limit", "seed", "prompt", "max_new_tokens", "image", "dtype",

@@ -24,12 +24,14 @@ class Sampling:
     seed: int = 0  # the random generator's seed: the same seed, the same answer
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also refuses NaN
-            raise SettingsError("The sampling temperature must be 0 (greedy) or more, "
-                                f"got {self.temperature}.")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise SettingsError("The sampling temperature must be 0 (greedy) or a finite number "
+                                f"above it, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise SettingsError(f"top-p is a share of the probability and must be in (0, 1], "
                                 f"got {self.top_p}.")
+        if not 0 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise SettingsError(f"The seed must be in [0, 2**64), got {self.seed}.")
         if self.temperature == 0 and self.top_p != 1:
             raise SettingsError("top-p applies only when sampling: set a temperature above 0 too.")
 

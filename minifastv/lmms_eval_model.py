@@ -46,7 +46,7 @@ from .rules import load_rule
 from .generation import Sampling, generate
 from .image import ImageProcessorConfig, preprocess
 from .model import FastV
-from .prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt, left_pad
+from .prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt, left_pad
 
 
 def manifest():
@@ -125,7 +125,7 @@ class MinifastvLmms(lmms):
         if not all(isinstance(image, Image.Image) for image in images):
             raise NotImplementedError(f"minifastv's lmms-eval model reads images only; task {task} "
                                       "gives videos or sound.")
-        text = format_prompt(context, num_images=len(images), system=LLAVA_SYSTEM_PROMPT)
+        text = format_prompt(context, num_images=len(images), system=SYSTEM_PROMPTS["vicuna_v1"])
         ids = encode_prompt(self.tokenizer, text, self.model.config.image_tokens_per_image)
         return ids, images
 

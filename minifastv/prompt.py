@@ -17,12 +17,18 @@ from .errors import CheckpointError
 IMAGE_PLACEHOLDER = "<image>"
 # Video-LLaVA: one per video, expanded to one id per frame feature (8 x 257)
 VIDEO_PLACEHOLDER = "<video>"
-# The system prompt LLaVA-1.5 was trained and evaluated with: conv_vicuna_v1 in the original
-# llava/conversation.py (training: --version v1; the v1.5 eval scripts: --conv-mode vicuna_v1).
-# llava-hf's chat template has none; format_prompt(system=LLAVA_SYSTEM_PROMPT) puts it back.
-LLAVA_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                       "The assistant gives helpful, detailed, and polite answers to the user's "
-                       "questions.")
+# System prompts of the original LLaVA code (llava/conversation.py), by its template names.
+# LLaVA-1.5 was trained with "v1" = conv_vicuna_v1, and its authors' evaluation scripts pass
+# --conv-mode vicuna_v1; FastV's scripts and many re-runs use llava_v1, which differs only in
+# "human" for "user". llava-hf's chat template has none: format_prompt(system=None).
+SYSTEM_PROMPTS = {
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.",
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's "
+                "questions.",
+}
 
 
 def count_images(text):
@@ -43,7 +49,7 @@ def format_prompt(question, num_images=1, history=(), num_videos=0, system=None)
     user turn, one "<image>\\n" each, then the videos, one "<video>\\n" each, unless the text
     already holds placeholders of that kind: then they stay where the user put them.
     system: a system prompt to put first, then one space, as the original LLaVA's template does
-    (LLAVA_SYSTEM_PROMPT; its evaluation uses it). None, the default: llava-hf's template, none.
+    (SYSTEM_PROMPTS; its evaluation uses one). None, the default: llava-hf's template, none.
     For one turn the text is then the original's exactly; in later turns the original also ends
     each answer with </s>, which this does not add.
     """

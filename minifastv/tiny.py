@@ -189,6 +189,7 @@ def tiny_checkpoint(video=False):
     target = checkpoint.WEIGHTS_DIR / ("tiny-video" if video else "tiny")
     if (target / "model.safetensors").is_file():
         return target
+    target = checkpoint.weights_folder() / target.name  # refused in one sentence if read-only
     # built aside, then moved in one step
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

@@ -101,11 +101,15 @@ def pip_installs(lines):
     return [line.removeprefix("python -m ") for line in lines if line.removeprefix("python -m ").startswith("pip install")]
 
 
+CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
 def test_readme_install_commands_are_what_ci_runs():
-    """README's install commands run in CI as written (CI adds the pinned CPU torch before them), but for
-    lmms-eval's, which CI leaves out (tests/test_lmms_eval.py says why)."""
+    """README's install commands run in CI as written, but for lmms-eval's, which CI leaves out
+    (tests/test_lmms_eval.py says why), and the CPU torch, for which CI installs a pinned CPU wheel."""
     readme = [line for line in pip_installs(readme_commands()) if "lmms-eval" not in line]
-    assert "pip install -r requirements.txt" in readme and "pip install -r requirements-test.txt" in readme
+    assert readme[:3] == [CPU_TORCH, "pip install -e .", "pip install -r requirements-test.txt"]
+    readme.remove(CPU_TORCH)
     ci = pip_installs(commands((ROOT / ".ci" / "run").read_text()))
     assert set(readme) <= set(ci), f"README installs {readme}, CI runs {ci}"
     assert ci[0].startswith("pip install torch=="), "CI installs its pinned CPU torch first"
@@ -200,13 +204,14 @@ def test_readme_shows_the_cli_and_the_bench():
 
 
 def test_readme_colab_commands_fit_together():
-    """The Colab block: clone into a folder, cd into that folder, install, run (the run is tested above)."""
+    """The install block, which Colab runs too: clone into a folder, cd into that folder, (CPU torch,)
+    install, run (the run is tested above)."""
     colab = [block for block in fenced_blocks("README.md", "bash") if "git clone" in block]
     assert len(colab) == 1
     lines = commands(colab[0])
     clone, cd = shlex.split(lines[0]), shlex.split(lines[1])
     assert clone[:2] == ["git", "clone"] and cd == ["cd", clone[-1]]
-    assert lines[2] == "pip install -r requirements.txt" and lines[3].startswith("python -m minifastv")
+    assert lines[2:4] == [CPU_TORCH, "pip install -e ."] and lines[4].startswith("python -m minifastv")
 
 
 def test_one_repository_url():

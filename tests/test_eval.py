@@ -25,7 +25,7 @@ from minifastv import eval as evaluation
 from minifastv.generation import generate
 from minifastv.image import ImageProcessorConfig, preprocess
 from minifastv.model import FastV
-from minifastv.prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt
+from minifastv.prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt
 from minifastv.rules import random_rule
 from minifastv.tiny import tiny_checkpoint
 
@@ -73,7 +73,7 @@ def one_at_a_time(tiny, question, image, fastv, seed=0):
     """The answer to one question, from the library calls the protocol names: the prompt with LLaVA's system
     prompt and short-answer instruction, the image padded to a square, greedy generation up to EOS."""
     model, tokenizer, image_config = tiny
-    text = format_prompt(question + "\nAnswer the question using a single word or phrase.", system=LLAVA_SYSTEM_PROMPT)
+    text = format_prompt(question + "\nAnswer the question using a single word or phrase.", system=SYSTEM_PROMPTS["vicuna_v1"])
     ids = encode_prompt(tokenizer, text, model.config.image_tokens_per_image)
     torch.manual_seed(seed)
     tokens = generate(model, ids, preprocess(image, image_config, pad=True), max_new_tokens=NEW_TOKENS,

@@ -132,3 +132,6 @@ def test_pyproject_depends_on_what_requirements_txt_lists():
     lines = (PACKAGE.parent / "requirements.txt").read_text().splitlines()
     listed = [line.split("#")[0].strip() for line in lines]
     assert sorted(project["dependencies"]) == sorted(filter(None, listed))
+    lines = (PACKAGE.parent / "requirements-test.txt").read_text().splitlines()
+    listed = [line.split("#")[0].strip() for line in lines]
+    assert sorted(project["optional-dependencies"]["test"]) == sorted(filter(None, listed))

@@ -26,7 +26,7 @@ from minifastv.errors import UsageError  # noqa: E402
 from minifastv.generation import generate  # noqa: E402
 from minifastv.image import ImageProcessorConfig, preprocess  # noqa: E402
 from minifastv.model import FastV  # noqa: E402
-from minifastv.prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, encode_prompt, format_prompt  # noqa: E402
+from minifastv.prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt  # noqa: E402
 from minifastv.tiny import tiny_checkpoint  # noqa: E402
 
 TASK = "minifastv_tiny_pope"
@@ -99,7 +99,7 @@ def one_at_a_time(tiny, question, image, fastv):
     """minifastv's answer to one question with lmms-eval's POPE prompt in LLaVA-1.5's conversation, the image
     padded to a square, greedy."""
     model, tokenizer, image_config = tiny
-    text = format_prompt(question + "\nAnswer the question using a single word or phrase.", system=LLAVA_SYSTEM_PROMPT)
+    text = format_prompt(question + "\nAnswer the question using a single word or phrase.", system=SYSTEM_PROMPTS["vicuna_v1"])
     ids = encode_prompt(tokenizer, text, model.config.image_tokens_per_image)
     tokens = generate(model, ids, preprocess(image, image_config, pad=True), max_new_tokens=NEW_TOKENS,
                       fastv=fastv)[0].tolist()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from minifastv.errors import CheckpointError
-from minifastv.prompt import LLAVA_SYSTEM_PROMPT, Tokenizer, count_images, encode_prompt, format_prompt
+from minifastv.prompt import SYSTEM_PROMPTS, Tokenizer, count_images, encode_prompt, format_prompt
 from minifastv.tiny import write_small_llama_tokenizer
 
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
@@ -190,30 +190,35 @@ def test_format_prompt_layout():
 # written out by hand: system prompt, one space, then the turns.
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                     "helpful, detailed, and polite answers to the user's questions.")
+# conv_llava_v1, which FastV's scripts pass (--conv-mode llava_v1): "human" where vicuna_v1 says "user".
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions.")
 
 
 def test_format_prompt_with_the_system_prompt():
-    assert LLAVA_SYSTEM_PROMPT == VICUNA_V1_SYSTEM
+    assert SYSTEM_PROMPTS == {"vicuna_v1": VICUNA_V1_SYSTEM, "llava_v1": LLAVA_V1_SYSTEM}
     question = "Is there a dog in the image?\nAnswer the question using a single word or phrase."
-    assert format_prompt(question, system=LLAVA_SYSTEM_PROMPT) == (
+    assert format_prompt(question, system=SYSTEM_PROMPTS["vicuna_v1"]) == (
         VICUNA_V1_SYSTEM + " USER: <image>\nIs there a dog in the image?\n"
         "Answer the question using a single word or phrase. ASSISTANT:")
     assert format_prompt("Q2", history=[("Q1", "A1")], system="S") == "S USER: <image>\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:"
     assert format_prompt("Q") == format_prompt("Q", system=None) == "USER: <image>\nQ ASSISTANT:"  # default: none
 
 
-def test_system_prompt_ids_of_the_real_tokenizer(real_folder):
-    """With the system prompt, the ids are those LLaVA's own tokenizer_image_token makes: the text split at <image>,
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1"])
+def test_system_prompt_ids_of_the_real_tokenizer(real_folder, name):
+    """With a system prompt, the ids are those LLaVA's own tokenizer_image_token makes: the text split at <image>,
     each piece tokenized by sentencepiece's rule (transformers' LlamaTokenizer class), <s> once."""
     from transformers import LlamaTokenizer
 
     tokenizer = Tokenizer.from_folder(real_folder)
     text = format_prompt("Is there a dog in the image?\nAnswer the question using a single word or phrase.",
-                         system=LLAVA_SYSTEM_PROMPT)
+                         system=SYSTEM_PROMPTS[name])
     ids = encode_prompt(tokenizer, text, TOKENS_PER_IMAGE)[0].tolist()
     # Vicuna v1.1's system sentence as every Vicuna/LLaVA-1.5 prompt starts: <s> ▁A ▁chat ▁between ▁a ▁curious ▁user
     # ▁and ▁an ▁artificial ▁intelligence ▁assistant .
-    assert ids[:13] == [1, 319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 20255, 29889]
+    if name == "vicuna_v1":
+        assert ids[:13] == [1, 319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 20255, 29889]
     chunk_tokenizer = LlamaTokenizer.from_pretrained(real_folder)
     before, after = text.split("<image>")
     expected = [1] + chunk_tokenizer.encode(before)[1:] + [32000] * TOKENS_PER_IMAGE + chunk_tokenizer.encode(after)[1:]
