@@ -1,12 +1,15 @@
 """The course's figures, written as SVG text: python -m minifastv.figures [--out DIR]
 
-Six figures, each computed from minifastv's own code and configs (nothing typed in by hand):
+Nine figures, each computed from minifastv's own code and configs (nothing typed in by hand):
 1. architecture.svg: LLaVA-1.5-7B from pixels to logits, with FastV cutting in at layer K.
-2. pruning_sequence.svg: a toy prompt before and after FastV, each token with its position id.
-3. rope_decay.svg: how RoPE turns a key away from the query the further apart they are.
-4. flops_and_time.svg: predicted and measured prefill speed-up against R, from bench-cpu.json;
+2. patch_grid.svg: a 336 x 336 image cut into 24 x 24 patches, and where each goes in the prompt.
+3. On a toy model that runs for real: pruning_sequence.svg, the prompt before and after FastV with
+   position ids; causal_votes.svg, the causal mask and who can vote for a patch; cache_slots.svg,
+   the KV cache's slots after FastV and the position each holds.
+4. rope_decay.svg: how RoPE turns a key away from the query the further apart they are.
+5. flops_and_time.svg: predicted and measured prefill speed-up against R, from bench-cpu.json;
    gpu_time.svg: the same on an H200, eager and compiled, batch 1 and 8, from bench-h200-*.json.
-5. kept_patches.svg: which of the 24 x 24 patches four pruning rules keep (synthetic queries and
+6. kept_patches.svg: which of the 24 x 24 patches four pruning rules keep (synthetic queries and
    keys).
 
 SVG is plain text. Every number is rounded before it is written, so the files come out byte for
@@ -28,7 +31,7 @@ from .checkpoint import config_by_name
 from .errors import UsageError
 from .flops import kept_tokens
 from .model import (FastV, Llava, LlavaConfig, PruningInputs, TextConfig, VisionConfig, apply_rope,
-                    attention_rows, fastv_rule, rope_tables)
+                    attention_rows, fastv_rule, rope_tables, visible_keys)
 from .rules import grid_rule, no_rope_rule, random_rule
 
 FIGURES = Path(__file__).resolve().parent / "assets" / "figures"
@@ -40,15 +43,22 @@ MODEL = "llava-1.5-7b"  # the config of every figure but the toy and the bench (
 SYSTEM_TOKENS = ("<s>", "▁US", "ER", ":", "▁")  # everything before the image
 QUESTION_TOKENS = ("▁", "<0x0A>", "What", "▁animal", "▁is", "▁this", "?", "▁A", "SS", "IST", "ANT",
                    ":")
-# analyze.py's class colors, and a grey
+# analyze.py's class colors, a grey, and light versions of the first three (visible mask cells)
 BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#999999"
 CLASS_COLORS = {"system": BLUE, "image": ORANGE, "instruction": GREEN}
+LIGHT_COLORS = {"system": "#aec7e8", "image": "#ffbb78", "instruction": "#98df8a"}
 
 
 def prompt_length(num_image):
     """Tokens in the LLaVA-1.5 prompt above with `num_image` image tokens (5 + 576 + 12 = 593 for
     the real model)."""
     return len(SYSTEM_TOKENS) + num_image + len(QUESTION_TOKENS)
+
+
+def prompt_kinds(num_image):
+    """The kind of each position of that prompt: "system", "image" or "instruction"."""
+    return (["system"] * len(SYSTEM_TOKENS) + ["image"] * num_image
+            + ["instruction"] * len(QUESTION_TOKENS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,6 +130,14 @@ def box(x, y, width, height, title, rows, fill):
     return [rect(x, y, width, height, fill=fill, rx=6),
             text(middle, y + 20, title, 13, "middle", font_weight="bold"),
             *lines_of_text(middle, y + 38, rows, 11, anchor="middle")]
+
+
+def token_box(x, y, width, label, kind, under=None):
+    """A token: a box of its class's color with `label` (its position id) in it, `under` below."""
+    middle = x + width / 2
+    elements = [rect(x, y, width, 26, fill=CLASS_COLORS[kind], stroke="white"),
+                text(middle, y + 17, label, 12, "middle", fill="white", font_weight="bold")]
+    return elements + ([] if under is None else [text(middle, y + 40, under, 8, "middle")])
 
 
 def axes(left, top, width, height, y_ticks, x_ticks, x_label):
@@ -214,7 +232,13 @@ def architecture_svg():
     fastv_step = [f"FastV at layer {k}", f"rank the {num_image} image",
                   f"tokens by layer {k - 1}'s", "last-token attention,",
                   f"keep the top {num_kept_image}"]
-    elements += [arrow(95, middle + 40, 95, bottom - 5),
+    # a bracket under the whole prompt: every token of it, not the system's alone, enters layer 0
+    brace = middle + 52
+    elements += [polyline([(20, middle + 44), (20, brace), (x, brace), (x, middle + 44)]),
+                 arrow(95, brace, 95, bottom - 5),
+                 text(105, brace + 20, f"the whole sequence enters layer 0: {len(SYSTEM_TOKENS)} "
+                                       f"system + {num_image} image + {len(QUESTION_TOKENS)} "
+                                       f"instruction = {num_tokens} tokens", 12),
                  rect(20, bottom, 150, full, fill="#dbe8f5"),
                  *lines_of_text(95, bottom + 30, [f"layers 0-{k - 1}", f"all {num_tokens} tokens"],
                                 12, anchor="middle"),
@@ -238,7 +262,72 @@ def architecture_svg():
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. The sequence before and after pruning, from a real forward pass of a toy model.
+# 2. Patches: the image cut into a grid, read row by row into the prompt.
+
+
+def patch_grid_svg():
+    config = config_by_name(MODEL)
+    vision, num_image = config.vision, config.image_tokens_per_image
+    grid, size, patch = vision.grid_size, vision.image_size, vision.patch_size
+    first, num_tokens = len(SYSTEM_TOKENS), prompt_length(num_image)
+    cell, left, top = 18, 20, 104
+    side, shades = grid * cell, (ORANGE, LIGHT_COLORS["image"])  # rows alternate two shades
+    elements = [
+        text(left, 26, f"A {size} x {size} px image becomes {num_image} tokens: {grid} x {grid} "
+                       f"patches of {patch} x {patch} px, numbered in reading order", 15,
+             font_weight="bold"),
+        *lines_of_text(left, 46, [
+            f"CLIP ViT-L/{patch}'s patch embedding cuts the image into {patch} x {patch} px "
+            f"squares: {size} / {patch} = {grid} per side, {grid} x {grid} = {num_image} tokens.",
+            f"flatten(2) reads them row by row: patch i sits in row i // {grid}, column i % "
+            f"{grid}, and at position {first} + i of the prompt."], 12),
+        text(left, top - 8, f"the image, {size} x {size} px, one square per {patch} x {patch} "
+                            "px patch", 12),
+        *grid_of_cells(left, top, cell, [[shades[row % 2]] * grid for row in range(grid)]),
+        *(line(left + i * cell, top, left + i * cell, top + side, "white", stroke_width=0.6)
+          for i in range(1, grid)),
+        rect(left, top, side, side)]
+    for patch_index in range(num_image):
+        row, column = divmod(patch_index, grid)
+        elements.append(text(left + (column + 0.5) * cell, top + (row + 0.5) * cell + 2.5,
+                             str(patch_index), 6.5, "middle"))
+    for row in range(grid):  # where each row of the image goes in the prompt
+        start = row * grid
+        elements.append(text(left + side + 14, top + (row + 0.5) * cell + 4,
+                             f"row {row}: patches {start}-{start + grid - 1} -> positions "
+                             f"{first + start}-{first + start + grid - 1}", 11))
+    y, widths = top + side + 70, (70, 30, 110)  # the prompt: system, one image row, question
+    x_image, x_question = left + widths[0], left + widths[0] + grid * widths[1]
+    elements += [
+        arrow(left + side / 2, top + side + 4, x_image + grid * widths[1] / 2, y - 4),
+        text(left + side / 2 + 10, top + side + 34, "row by row", 12),
+        *token_box(left, y, widths[0], f"{first} system", "system"),
+        *(rect(x_image + row * widths[1], y, widths[1], 26, fill=shades[row % 2], stroke="none")
+          for row in range(grid)),
+        text(x_image + widths[1] / 2, y - 6, "row 0", 10, "middle"),
+        text(x_question - widths[1] / 2, y - 6, f"row {grid - 1}", 10, "middle"),
+        text(x_image + grid * widths[1] / 2, y + 17, f"{num_image} image tokens", 12, "middle",
+             font_weight="bold"),
+        *token_box(x_question, y, widths[2], f"{len(QUESTION_TOKENS)} question", "instruction")]
+    for x, position, anchor in ((left, 0, "start"), (x_image, first, "start"),
+                                (x_question - 2, first + num_image - 1, "end"),
+                                (x_question + 2, first + num_image, "start"),
+                                (x_question + widths[2], num_tokens - 1, "end")):
+        elements.append(text(x, y + 42, str(position), 11, anchor))
+    system, question = ("".join(pieces).replace("▁", " ").replace("<0x0A>", "\\n").strip()
+                        for pieces in (SYSTEM_TOKENS, QUESTION_TOKENS))
+    elements += lines_of_text(left, y + 70, [
+        f"The prompt, {num_tokens} positions (prompt.py): \"{system}\", the {num_image} patches "
+        f"row by row, \"{question}\". The bottom row sits",
+        f"right before the question, the top row {grid * (grid - 1)} positions further back. "
+        f"Numbers from config_by_name(\"{MODEL}\"): image_size {size}, patch_size {patch}."], 11)
+    return document(950, y + 100, "An image cut into patches, numbered row by row, and where "
+                                  "they sit in the prompt", elements)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. A toy model that runs for real: the sequence before and after pruning, the causal mask, and
+# the KV cache's slots.
 
 TOY_GRID, TOY_SEED = 4, 0  # a 4 x 4 image: 16 image tokens instead of 576, so that every box fits
 
@@ -277,28 +366,35 @@ def toy_prompt(config):
     return input_ids, torch.randn(1, 3, size, size, generator=generator)
 
 
+def toy_labels():
+    """The toy prompt's tokens as the figures write them: the pieces, p0 .. p15 for the patches."""
+    pieces = (*SYSTEM_TOKENS, *(f"p{patch}" for patch in range(TOY_GRID**2)), *QUESTION_TOKENS)
+    return [piece.replace("<0x0A>", "\\n") for piece in pieces]
+
+
 @torch.inference_mode()
-def toy_positions(fastv):
-    """The position ids of the tokens the toy's decoder layers run on, read with the model's
-    `observe` hook: first every token's (layer 0), then the kept ones' (layer K), the positions
-    Llava.forward hands to RoPE."""
+def toy_prefill(fastv, room=1):
+    """A prefill of the toy prompt into a real KVCache (model.new_cache, `room` slots for the
+    answer): the cache, and per decoder layer the position ids of the tokens it ran on, in the
+    order it stored them in its slots, read with the model's `observe` hook."""
     model = toy_llava()
+    input_ids, pixel_values = toy_prompt(model.config)
+    cache = model.new_cache(input_ids, fastv, room=room)
     positions = {}  # {layer: [position of each token it ran on]}
 
     def observe(view):
         positions[view.index] = view.positions[0].tolist()
 
-    model(*toy_prompt(model.config), fastv=fastv, last_logits_only=True, observe=observe)
-    return positions[0], positions[fastv.k]
+    model(input_ids, pixel_values, cache=cache, fastv=fastv, last_logits_only=True,
+          observe=observe)
+    return cache, [positions[layer] for layer in sorted(positions)]
 
 
 def pruning_sequence_svg():
     fastv, num_image = FastV(), TOY_GRID**2
-    before, after = toy_positions(fastv)
-    pieces = (*SYSTEM_TOKENS, *(f"p{patch}" for patch in range(num_image)), *QUESTION_TOKENS)
-    labels = [piece.replace("<0x0A>", "\\n") for piece in pieces]
-    kind = (["system"] * len(SYSTEM_TOKENS) + ["image"] * num_image
-            + ["instruction"] * len(QUESTION_TOKENS))
+    _, positions = toy_prefill(fastv)
+    before, after = positions[0], positions[fastv.k]
+    labels, kinds = toy_labels(), prompt_kinds(num_image)
     real_image = config_by_name(MODEL).image_tokens_per_image
     step, left = 30, 20
     elements = [text(left, 26, f"FastV (K={fastv.k}, R={fastv.r:g}) on a toy prompt: every token "
@@ -312,13 +408,8 @@ def pruning_sequence_svg():
              after)):
         elements.append(text(left, y - 10, title, 12, font_weight="bold"))
         for position in positions:
-            x = left + position * step
-            middle = x + (step - 4) / 2
-            elements += [rect(x, y, step - 4, 26, fill=CLASS_COLORS[kind[position]],
-                              stroke="white"),
-                         text(middle, y + 17, str(position), 12, "middle", fill="white",
-                              font_weight="bold"),
-                         text(middle, y + 40, labels[position], 8, "middle")]
+            elements += token_box(left + position * step, y, step - 4, str(position),
+                                  kinds[position], labels[position])
         for position in sorted(set(before) - set(positions)):
             elements.append(rect(left + position * step, y, step - 4, 26, stroke=GREY,
                                  stroke_dasharray="3,3"))
@@ -334,8 +425,135 @@ def pruning_sequence_svg():
                     "A prompt before and after FastV's pruning, with position ids", elements)
 
 
+def causal_mask(num_image):
+    """The mask of the one-image prompt with `num_image` patches, (T, T) bool, True where a query
+    (row) may attend to a key (column): model.visible_keys, as attention_rows applies it."""
+    num_tokens = prompt_length(num_image)
+    return visible_keys(torch.ones(1, num_tokens, dtype=torch.long), num_tokens)[0, 0]
+
+
+def patch_voters(num_image):
+    """How many image rows and how many question rows of the mask see the first (top-left) and
+    the last (bottom-right) patch: [(image rows, question rows), (...)]."""
+    seen_by, kinds = causal_mask(num_image), prompt_kinds(num_image)
+    first = len(SYSTEM_TOKENS)
+    return [tuple(sum(seen_by[row, column].item() for row, kind in enumerate(kinds) if kind == want)
+                  for want in ("image", "instruction"))
+            for column in (first, first + num_image - 1)]
+
+
+def causal_votes_svg():
+    num_image, real_image = TOY_GRID**2, config_by_name(MODEL).image_tokens_per_image
+    seen_by, kinds, labels = causal_mask(num_image), prompt_kinds(num_image), toy_labels()
+    first = len(SYSTEM_TOKENS)
+    num_tokens, last_patch = len(kinds), first + num_image - 1
+    cell, left, top = 14, 70, 150
+    side = num_tokens * cell
+    colors = [[LIGHT_COLORS[kinds[key]] if seen else "white" for key, seen in enumerate(row)]
+              for row in seen_by.tolist()]
+    elements = [
+        text(20, 26, "The causal mask of a toy prompt: which tokens can vote for a patch, and "
+                     "FastV's one vote", 15, font_weight="bold"),
+        *lines_of_text(20, 46, [f"LLaVA-1.5's prompt with a {TOY_GRID} x {TOY_GRID}-patch image "
+                                f"({num_image} image tokens instead of {real_image}), one row and "
+                                "one column per token;",
+                                "drawn from model.visible_keys, the mask attention_rows applies"],
+                       12),
+        text(left + side / 2, top - 52, "keys (columns): the token attended to", 11, "middle"),
+        text(16, top + side / 2, "queries (rows)", 11, "middle",
+             transform=f"rotate(-90 16 {number(top + side / 2)})"),
+        *grid_of_cells(left, top, cell, colors), rect(left, top, side, side)]
+    for index, label in enumerate(labels):  # row labels left, column labels above, turned
+        x, y = left + (index + 0.5) * cell, top + (index + 0.5) * cell
+        elements += [text(left - 4, y + 3, label, 8, "end"),
+                     text(x + 3, top - 4, label, 8, transform=f"rotate(-90 {number(x + 3)} "
+                                                              f"{number(top - 4)})")]
+    for boundary in (first, first + num_image):  # system | image | question
+        at = boundary * cell
+        elements += [line(left + at, top, left + at, top + side, GREY),
+                     line(left, top + at, left + side, top + at, GREY)]
+    elements += [rect(left + column * cell, top, cell, side, stroke="black", stroke_width=2,
+                      stroke_dasharray="4 2") for column in (first, last_patch)]
+    elements.append(rect(left, top + side - cell, side, cell, stroke=RED, stroke_width=2.5))
+    (top_image, top_text), (bottom_image, bottom_text) = patch_voters(num_image)
+    (real_top, _), (real_bottom, real_text) = patch_voters(real_image)
+    notes = left + side + 24
+    elements += lines_of_text(notes, top + 8, [
+        "A row is a query, a column a key. A colored cell: the",
+        "query may attend to the key, itself and every earlier",
+        "token. Color: the key's kind (system, image, question)."], 11)
+    elements += lines_of_text(notes, top + 72, [
+        "FastV's vote (red): the LAST row only, the last prompt",
+        "token's attention in layer K-1. It sees every patch."], 11, fill=RED)
+    elements += lines_of_text(notes, top + 120, [
+        f"Dashed: {labels[first]}, the top-left patch, first in the sequence:",
+        f"{top_image} image rows and {top_text} question rows see it.",
+        f"{labels[last_patch]}, the bottom-right patch, last in the sequence:",
+        f"{bottom_image} image row (its own) and the same {bottom_text} question rows.",
+        f"The {first} system rows come before the image: they see no",
+        "patch. Every question row sees every patch."], 11)
+    elements += lines_of_text(notes, top + 240, [
+        f"In LLaVA-1.5 ({real_image} patches): the top-left patch is",
+        f"seen by {real_top} image rows, the bottom-right by {real_bottom}; both",
+        f"by the {real_text} question rows. Which rows may vote for a top",
+        "patch, which for a bottom one: homework, exercise 1."], 11)
+    return document(notes + 340, top + side + 30,
+                    "The causal mask of a toy prompt and FastV's last-row vote", elements)
+
+
+def cache_slots_svg():
+    fastv, num_image = FastV(), TOY_GRID**2
+    cache, positions = toy_prefill(fastv, room=1)
+    kinds, k, last_layer = prompt_kinds(num_image), fastv.k, len(positions) - 1
+    step, left, top, pitch = 26, 120, 110, 56  # pitch: from one layer's row to the next
+    slots = [keys.shape[2] for keys in cache.keys]  # each layer's capacity: prompt and room
+    written = [int(cache.length[group]) for group in cache.group]  # the next token's slot
+    kept = (cache.kept_image_tokens[0] + len(SYSTEM_TOKENS)).tolist()
+    real = config_by_name(MODEL)
+    real_image = real.image_tokens_per_image
+    real_tokens = prompt_length(real_image)
+    elements = [
+        text(20, 26, f"The KV cache after a prefill with FastV (K={k}, R={fastv.r:g}): a slot is "
+                     "not a position", 15, font_weight="bold"),
+        text(20, 46, f"Measured on the toy ({TOY_GRID} x {TOY_GRID}-patch image, "
+                     f"{len(positions)} decoder layers): model.new_cache(input_ids, FastV(), "
+                     "room=1), then a prefill into it; in each slot the position id", 12),
+        text(20, 62, "of the token it holds (LayerView.positions, from the observe hook); slots "
+                     "left to right, 0 first. Red line: a gap in the position ids.", 12),
+        text(left - 10, top - 12, "slot", 10, "end", fill=GREY),
+        *(text(left + slot * step + (step - 4) / 2, top - 12, str(slot), 10, "middle", fill=GREY)
+          for slot in range(max(slots)))]
+    for layer, layer_positions in enumerate(positions):
+        y = top + layer * pitch
+        elements += [text(left - 10, y + 12, f"layer {layer}", 12, "end", font_weight="bold"),
+                     text(left - 10, y + 26, f"{slots[layer]} slots", 10, "end")]
+        for slot, position in enumerate(layer_positions):
+            elements += token_box(left + slot * step, y, step - 4, str(position), kinds[position])
+            if slot and position - layer_positions[slot - 1] > 1:
+                elements.append(line(left + slot * step - 2, y - 4, left + slot * step - 2,
+                                     y + 30, RED, stroke_width=2))
+        for slot in range(written[layer], slots[layer]):
+            elements += [rect(left + slot * step, y, step - 4, 26, stroke=GREY,
+                              stroke_dasharray="3,3"),
+                         text(left + slot * step + (step - 4) / 2, y + 17, "next", 8, "middle")]
+    elements += lines_of_text(20, top + len(positions) * pitch + 10, [
+        f"Layers 0-{k - 1}: all {written[0]} prompt tokens in slots 0-{written[0] - 1}, slot = "
+        f"position. Layers {k}-{last_layer}: the {written[-1]} survivors in slots "
+        f"0-{written[-1] - 1}, each with its ORIGINAL position id",
+        f"(the kept image tokens: positions {', '.join(map(str, kept))}, cache.kept_image_tokens "
+        f"+ {len(SYSTEM_TOKENS)}). The next token, position {int(cache.next_position[0])} "
+        "(cache.next_position),",
+        f"goes to slot {written[0]} in layers 0-{k - 1} and to slot {written[-1]} in layers "
+        f"{k}-{last_layer}.",
+        f"In LLaVA-1.5-7B with one image ({real_tokens} tokens): layers 0-{k - 1} hold "
+        f"{real_tokens} slots, layers {k}-{real.text.num_hidden_layers - 1} hold "
+        f"{kept_tokens(real_tokens, real_image, fastv.r)}, each with room for the answer."], 11)
+    return document(left + max(slots) * step + 20, top + len(positions) * pitch + 82,
+                    "The KV cache's slots after FastV, each with its position id", elements)
+
+
 # ------------------------------------------------------------------------------------------------
-# 3. RoPE's decay with distance, and where the image tokens sit from the last prompt token.
+# 4. RoPE's decay with distance, and where the image tokens sit from the last prompt token.
 
 
 def rope_similarity(distance, text_config):
@@ -403,65 +621,101 @@ def rope_decay_svg():
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. FLOPs and measured time against R, from the bench's JSON (this script never runs the bench).
+# 5. FLOPs and measured time against R, from the bench's JSON (this script never runs the bench).
 # Its tables are keyed by setting, "no_fastv" or "K2_R0.5": cli.setting_of reads k and r back.
 
 
+def by_r(table):
+    """{R: value} of a bench table's FastV settings ("no_fastv" left out: it is no R)."""
+    return {cli.setting_of(name)[1]: value for name, value in table.items() if name != "no_fastv"}
+
+
+def time_ratios(prefill_ms):
+    """{R: prefill time without FastV / with FastV}, at the R values the table measured."""
+    return {r: prefill_ms["no_fastv"] / ms for r, ms in by_r(prefill_ms).items()}
+
+
 def read_bench(path):
-    """The bench's numbers by R: {R: (predicted speed-up, measured speed-up, prefill ms)}, and the
-    whole JSON. "no_fastv" is the baseline of both speed-ups."""
+    """The JSON the bench wrote, once its prefill table and FLOPs prediction read as such."""
     try:
         results = json.loads(Path(path).read_text())
-        baseline = results["prefill_ms"]["no_fastv"]
-        by_r = {cli.setting_of(name)[1]: (results["predicted_speedup"][name], baseline / ms, ms)
-                for name, ms in results["prefill_ms"].items() if name != "no_fastv"}
+        time_ratios(results["prefill_ms"]), by_r(results["predicted_speedup"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise UsageError(f"--bench {path} is not a JSON file written by python -m minifastv.bench "
                          f"--json ({type(error).__name__}: {error}).") from None
-    return by_r, results
+    return results
+
+
+def ratio_chart(left, top, width, height, series, x_label):
+    """Axes from 0x to the next half above the data, then a line per series through the R values
+    it has, and no other (nothing assumed in between). series: [(name, color, dashes, {R: value},
+    dy)]: each value written dy px below its point (dy None: the last one only, to its right)."""
+    rs = sorted({r for *_, values, _ in series for r in values})
+    top_value = math.ceil(max(max(values.values()) for *_, values, _ in series) * 2) / 2
+    x_of = lambda r: left + 40 + r / max(rs) * (width - 80)  # data to pixels
+    y_of = lambda value: top + (1 - value / top_value) * height
+    elements = axes(left, top, width, height,
+                    [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
+                    [(x_of(r), f"{r:g}") for r in rs], x_label)
+    legend_y = top + 20
+    for name, color, dashes, values, dy in series:
+        style = {"stroke_dasharray": dashes} if dashes else {}
+        points = [(x_of(r), y_of(value), value) for r, value in sorted(values.items())]
+        elements.append(polyline([point[:2] for point in points], color, stroke_width=2, **style))
+        elements += [circle(x, y, 3.5, color) for x, y, _ in points]
+        for x, y, value in points if dy is not None else points[-1:]:
+            x, y, anchor = (x, y + dy, "middle") if dy is not None else (x + 8, y + 4, "start")
+            elements.append(text(x, y, f"{value:.2f}x", 11, anchor, fill=color))
+        elements += [line(left + width + 30, legend_y, left + width + 56, legend_y, color,
+                          stroke_width=2, **style),
+                     *lines_of_text(left + width + 62, legend_y + 4, name.split("\n"), 11)]
+        legend_y += 14 * len(name.split("\n")) + 10
+    return elements
+
+
+def warm_up_notes(name, timings, k):
+    """[a sentence] when R=0, which does strictly more work than no FastV, came out visibly faster
+    (1.01x or more): the unpruned time then carries a warm-up, and the line's ratios with it."""
+    r0 = timings.get(f"K{k}_R0")
+    if r0 is None or round(timings["no_fastv"] / r0, 2) <= 1:
+        return []
+    return [f"{name}: R=0 does strictly more work than no FastV, yet took {r0:.1f} ms against "
+            f"{timings['no_fastv']:.1f} ms (a warm-up): its ratios are not FastV's speed-up."]
+
+
+def first_pruned_layer(results):
+    """FastV's K in the bench's settings."""
+    return next(cli.setting_of(name)[0] for name in results["prefill_ms"] if name != "no_fastv")
 
 
 def flops_and_time_svg(bench_path=BENCH_JSON):
-    by_r, results = read_bench(bench_path)
-    k = next(cli.setting_of(name)[0] for name in results["prefill_ms"] if name != "no_fastv")
-    rs = sorted(by_r)
-    # the y axis ends on a half
-    top_value = math.ceil(max(max(values[:2]) for values in by_r.values()) * 2) / 2
+    results = read_bench(bench_path)
+    prefill_ms, k = results["prefill_ms"], first_pruned_layer(results)
     left, top, width, height = 80, 90, 560, 280
-    x_of = lambda r: left + 40 + r / max(rs) * (width - 80)  # data to pixels
-    y_of = lambda value: top + (1 - value / top_value) * height
     # "machine" and "torch" were added to the bench's JSON by hand
     machine = results.get("machine", results["device"])
     torch_version = f", torch {results['torch']}" if "torch" in results else ""
     elements = [
-        text(20, 26, f"FastV (K={k}): the prefill's speed-up against R, predicted by the FLOPs and "
-                     "measured", 15, font_weight="bold"),
-        *lines_of_text(20, 46, [f"measured on {machine}: device {results['device']}, "
-                                f"{results['dtype']}{torch_version}",
-                                f"median of {results['repeats']} prefills per setting; model: "
-                                f"{results['model']} (python -m minifastv.bench), "
-                                f"{results['prompt_tokens']} prompt tokens, "
-                                f"{results['image_tokens']} of them image"], 12),
-        *axes(left, top, width, height,
-              [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
-              [(x_of(r), f"{r:g}") for r in rs],
-              f"R, the share of image tokens dropped at layer {k}")]
-    for series, (name, color, dy) in enumerate((
-            ("predicted: by the FLOPs (exact count)", BLUE, -10),
-            ("measured: by the prefill time", RED, 18))):
-        points = [(x_of(r), y_of(by_r[r][series])) for r in rs]
-        elements.append(polyline(points, color, stroke_width=2))
-        for r, (x, y) in zip(rs, points):
-            elements += [circle(x, y, 4, color),
-                         text(x, y + dy, f"{by_r[r][series]:.2f}x", 11, "middle", fill=color)]
-        y = top + 20 + series * 40  # the legend, to the right
-        elements += [rect(left + width + 20, y, 14, 14, fill=color, stroke="none"),
-                     *lines_of_text(left + width + 40, y + 11, name.split(": "), 11)]
-    elements += lines_of_text(left + width + 20, top + 120, [
-        "speed-up = without FastV / with",
-        f"prefill without FastV: {results['prefill_ms']['no_fastv']:.0f} ms",
-        *(f"R={r:g}: {by_r[r][2]:.0f} ms" for r in rs), "(R=0 scores, keeps every token)"], 11)
-    return document(left + width + 230, top + height + 60,
+        text(20, 26, f"FastV (K={k}), {results['device']}: the prefill's measured speed-up "
+                     "against R, and the FLOPs' prediction", 15, font_weight="bold"),
+        *lines_of_text(20, 46, [
+            f"{Path(bench_path).name}, measured on {machine}: device {results['device']}, "
+            f"{results['dtype']}{torch_version}",
+            f"median of {results['repeats']} prefills per setting; model: {results['model']} "
+            f"(python -m minifastv.bench), {results['prompt_tokens']} prompt tokens, "
+            f"{results['image_tokens']} of them image"], 12),
+        *ratio_chart(left, top, width, height, [
+            ("predicted: computed from\nthe exact FLOPs count", BLUE, None,
+             by_r(results["predicted_speedup"]), -10),
+            ("measured: prefill time\nwithout FastV / with", RED, None, time_ratios(prefill_ms),
+             18)], f"R, the share of image tokens dropped at layer {k}")]
+    elements += lines_of_text(left + width + 30, top + 110, [
+        "measured prefill times:", f"without FastV: {prefill_ms['no_fastv']:.0f} ms",
+        *(f"R={r:g}: {ms:.0f} ms" for r, ms in by_r(prefill_ms).items()),
+        "(R=0 scores, keeps every token)"], 11)
+    notes = warm_up_notes("this run", prefill_ms, k)
+    elements += lines_of_text(20, top + height + 70, notes, 11)
+    return document(left + width + 230, top + height + 60 + 26 * bool(notes),
                     "Predicted and measured prefill speed-up against R", elements)
 
 
@@ -470,63 +724,50 @@ GPU_BENCH_JSONS = {"eager": FIGURES / "bench-h200-eager.json",
 
 
 def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
-    """4b. The same question on a fast GPU, eager and compiled, batch 1 and batch 8: FLOPs are not
-    time."""
-    runs = {mode: json.loads(Path(path).read_text()) for mode, path in bench_paths.items()}
-    eager, compiled = runs["eager"], runs["compiled"]
-
-    def by_r(table):  # {R: value}; "no_fastv" drops nothing: R=0, unless a K2_R0 comes later
-        return {cli.setting_of(name)[1]: value for name, value in table.items()}
-
-    rs = sorted(cli.setting_of(name)[1] for name in eager["prefill_ms"] if name != "no_fastv")
-    left, top, width, height, top_value = 80, 130, 560, 280, 3.0
-    x_of = lambda r: left + 40 + r / max(rs) * (width - 80)
-    y_of = lambda value: top + (1 - value / top_value) * height
-    # (label, color, dashes, {R: speed-up}); a later R=0 setting (K2_R0) replaces no_fastv's 1.0
-    # where there is one
-    series = [("predicted by the FLOPs", BLUE, None, by_r(eager["predicted_speedup"]))]
+    """The same on a fast GPU, eager and compiled, batch 1 and batch 8: FLOPs are not time. Each
+    line runs through the R values its run measured, and no other."""
+    runs = {mode: read_bench(path) for mode, path in bench_paths.items()}
+    eager, k = runs["eager"], first_pruned_layer(runs["eager"])
+    series = [("predicted: computed from\nthe exact FLOPs count", BLUE, None,
+               by_r(eager["predicted_speedup"]), None)]
+    unpruned, notes = [], []  # the prefill times without FastV; what a line is not
     for mode, color in (("eager", RED), ("compiled", ORANGE)):
-        for batch, dash in (("1", None), ("8", "6 4")):
-            timings = runs[mode]["prefill_ms"] if batch == "1" else runs[mode]["prefill_ms_batch8"]
-            speedups = by_r({name: timings["no_fastv"] / ms for name, ms in timings.items()})
-            series.append((f"{mode}, batch {batch}", color, dash, speedups))
+        for batch, table, dashes in (("1", "prefill_ms", None), ("8", "prefill_ms_batch8", "6 4")):
+            timings, name = runs[mode][table], f"{mode} run, batch {batch}"
+            unpruned.append(f"{name}: {timings['no_fastv']:.1f} ms")
+            note = warm_up_notes(name, timings, k)
+            notes, name = notes + note, name + ("\n(not a speed-up: below)" if note else "")
+            if mode == "compiled" and batch == "1":  # the bench of 2026-11-26 timed it uncompiled:
+                name += "\n(timed uncompiled)"  # drop this with the next run's JSON
+            series.append((name, color, dashes, time_ratios(timings), None))
+    top, height = 140, 280
+    decode = {mode: runs[mode]["decode_tokens_per_s"]["no_fastv"] for mode in runs}
     elements = [
-        text(20, 26, "FLOPs are not time: FastV's prefill speed-up on a fast GPU, eager and "
-                     "compiled, batch 1 and 8", 15, font_weight="bold"),
+        text(20, 26, f"FLOPs are not time: the prefill on an {eager['device']} against the FLOPs' "
+                     "prediction, batch 1 and 8", 15, font_weight="bold"),
         *lines_of_text(20, 46, [
-            f"measured on an {eager['device']} ({eager['machine']}), {eager['dtype']}, torch "
-            f"{eager['torch']}",
-            f"python -m minifastv.bench --model {eager['model']} [--compile]: random weights in "
+            f"Measured on an {eager['device']} ({eager['machine']}), {eager['dtype']}, torch "
+            f"{eager['torch']}, median of {eager['repeats']}:",
+            f"python -m minifastv.bench --model {eager['model']} [--compile], random weights in "
             f"the real 7B shape, {eager['prompt_tokens']} tokens ({eager['image_tokens']} image), "
-            f"K=2, median of {eager['repeats']}",
-            "R=0 scores and keeps every token: its distance from 1.00x is this run's noise at "
-            "batch 1; at batch 8 R=0 is the unpruned baseline",
-            f"prefill without FastV, batch 1: eager {eager['prefill_ms']['no_fastv']:.1f} ms, "
-            f"compiled {compiled['prefill_ms']['no_fastv']:.1f} ms; decode: eager "
-            f"{eager['decode_tokens_per_s']['no_fastv']:.0f}, compiled "
-            f"{compiled['decode_tokens_per_s']['no_fastv']:.0f} tokens/s "
-            f"(floor {eager['decode_floor_tokens_per_s']:.0f})"], 12),
-        *axes(left, top, width, height,
-              [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
-              [(x_of(r), f"{r:g}") for r in rs], "R, the share of image tokens dropped at layer 2")]
-    for index, (name, color, dash, speedups) in enumerate(series):
-        style = {"stroke_dasharray": dash} if dash else {}
-        points = [(x_of(r), y_of(value)) for r, value in sorted(speedups.items())]
-        elements.append(polyline(points, color, stroke_width=2, **style))
-        elements += [circle(x, y, 3.5, color) for x, y in points]
-        last_r, last_value = max(speedups.items())
-        elements.append(text(x_of(last_r) + 8, y_of(last_value) + 4, f"{last_value:.2f}x", 11,
-                             fill=color))
-        y = top + 20 + index * 24  # the legend, to the right
-        elements += [line(left + width + 40, y, left + width + 66, y, color, stroke_width=2,
-                          **style),
-                     text(left + width + 72, y + 4, name, 11)]
-    return document(left + width + 260, top + height + 60,
-                    "FastV's prefill speed-up on a GPU, eager and compiled", elements)
+            f"K={k}.",
+            "Plotted: measured prefill time without FastV / with FastV, only at the R values each "
+            "run measured.", f"Without FastV: {'; '.join(unpruned)}."], 12),
+        *ratio_chart(80, top, 560, height, series, f"R, the share of image tokens dropped at "
+                                                   f"layer {k}"),
+        *lines_of_text(20, top + height + 70, [
+            *notes, f"Decode, batch 1, measured: eager {decode['eager']:.0f}, compiled "
+                    f"{decode['compiled']:.0f} tokens/s; its floor, computed (weight bytes / "
+                    f"measured copy bandwidth): {eager['decode_floor_tokens_per_s']:.0f}."], 12)]
+    return document(960, top + height + 90 + 16 * len(notes), "The prefill on a GPU against "
+                    "the FLOPs' prediction, eager and compiled, batch 1 and 8", elements)
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Kept patches by rule, on synthetic queries and keys placed where LLaVA-1.5's prompt puts them.
+# 6. Kept patches by rule, on synthetic queries and keys placed where LLaVA-1.5's prompt puts them.
+
+RULES = {"FastV (last-token attention)": fastv_rule, "FastV without RoPE": no_rope_rule,
+         "uniform grid": grid_rule, "random": random_rule}  # minifastv's rules, by what they do
 
 
 def saliency_map(grid):
@@ -566,27 +807,28 @@ def synthetic_pruning_inputs(config, fastv):
 
 
 def kept_by_rule(fastv):
-    """{rule name: (grid, grid) bool, True where the rule keeps the patch}: minifastv's four rules
-    on the inputs above."""
+    """{rule's title in RULES: (grid, grid) bool, True where the rule keeps the patch}: minifastv's
+    four rules on the inputs above."""
     config = config_by_name(MODEL)
     inputs, grid = synthetic_pruning_inputs(config, fastv), config.vision.grid_size
     kept = {}
-    for rule in (fastv_rule, no_rope_rule, grid_rule, random_rule):
+    for title, rule in RULES.items():
         # random_rule draws from torch's global generator: seed it, then put it back
         with torch.random.fork_rng():
             torch.manual_seed(0)
             keep = rule(inputs)[0]
         is_kept = torch.zeros(grid * grid, dtype=torch.bool)
         is_kept[keep] = True
-        kept[rule.__name__] = is_kept.view(grid, grid)
+        kept[title] = is_kept.view(grid, grid)
     return kept
 
 
 def kept_patches_svg():
     fastv, grid = FastV(), config_by_name(MODEL).vision.grid_size
-    cell, gap, left, top = 7, 24, 20, 90
-    side = cell * grid
-    panels = [("saliency (made up)", None)] + list(kept_by_rule(fastv).items())
+    cell, gap, left, top = 7, 36, 20, 90
+    side, half = cell * grid, grid // 2
+    kept = kept_by_rule(fastv)
+    panels = [("saliency (made up)", None)] + list(kept.items())
     elements = [
         text(left, 26, f"Which of the {grid} x {grid} patches each rule keeps at R={fastv.r:g} "
                        "(kept: orange, dropped: dark)", 15, font_weight="bold"),
@@ -596,26 +838,33 @@ def kept_patches_svg():
                                   "RoPE at the real positions of LLaVA-1.5's prompt. The rules are "
                                   "minifastv's own (model.py, rules.py), run on these queries and "
                                   "keys."])]
-    for index, (name, kept) in enumerate(panels):
+    for index, (name, is_kept) in enumerate(panels):
         x0 = left + index * (side + gap)
-        if kept is None:  # bright: salient, in 16 shades of grey
+        if is_kept is None:  # bright: salient, in 16 shades of grey
             shades = (saliency_map(grid) * 16).round().mul(255 / 16).round().int().tolist()
             colors = [[f"rgb({shade},{shade},{shade})" for shade in row] for row in shades]
-            subtitle = "bright: salient"
+            subtitles = ["bright: salient"]
         else:
-            colors = [[ORANGE if is_kept else "#333333" for is_kept in row]
-                      for row in kept.tolist()]
-            mean_row = kept.nonzero()[:, 0].double().mean()
-            subtitle = f"{int(kept.sum())} of {grid * grid} kept, mean row {mean_row:.1f}"
-        elements += [text(x0, top - 6, name, 12, font_weight="bold"),
+            colors = [[ORANGE if keeps else "#333333" for keeps in row]
+                      for row in is_kept.tolist()]
+            subtitles = [f"{int(is_kept.sum())} of {grid * grid} kept:",
+                         f"top half {int(is_kept[:half].sum())}, bottom half "
+                         f"{int(is_kept[half:].sum())}"]
+        elements += [text(x0, top - 6, name, 11, font_weight="bold"),
                      *grid_of_cells(x0, top, cell, colors),
-                     rect(x0, top, side, side), text(x0, top + side + 16, subtitle, 11)]
-    elements += lines_of_text(left, top + side + 44, [
-        "fastv_rule drifts to the bottom rows, nearest the question (see rope_decay.svg); "
-        "no_rope_rule follows the saliency; grid_rule and random_rule do not look.",
+                     rect(x0, top, side, side), *lines_of_text(x0, top + side + 16, subtitles, 11)]
+    (fastv_name, with_rope), (no_rope_name, without_rope) = list(kept.items())[:2]
+    extra_rows = (with_rope & ~without_rope).nonzero()[:, 0]
+    elements += lines_of_text(left, top + side + 60, [
+        f"{fastv_name} keeps {int(with_rope[half:].sum())} of its {int(with_rope.sum())} patches "
+        f"in the bottom half, {no_rope_name} {int(without_rope[half:].sum())}: RoPE's decay "
+        "(rope_decay.svg) pulls the choice toward",
+        f"the question. The two share {int((with_rope & without_rope).sum())} patches; FastV's "
+        f"other {len(extra_rows)} all lie in rows {int(extra_rows.min())}-{int(extra_rows.max())} "
+        f"(of 0-{grid - 1}). The uniform grid and random do not look at the attention.",
         "The same picture on the real model and the cat photo (needs the 7B weights, a 14 GB "
         "download): python -m minifastv.analyze  ->  analysis/kept_patches.png"], 11)
-    return document(left * 2 + len(panels) * side + (len(panels) - 1) * gap, top + side + 80,
+    return document(left * 2 + len(panels) * side + (len(panels) - 1) * gap, top + side + 112,
                     "Kept patches by rule on synthetic queries and keys", elements)
 
 
@@ -643,10 +892,11 @@ def main(argv=None):
     except OSError as error:
         raise UsageError(f"--out {args.out} cannot be a folder for the figures "
                          f"({error.strerror}).") from None
-    figures = {"architecture.svg": architecture_svg(),
-               "pruning_sequence.svg": pruning_sequence_svg(), "rope_decay.svg": rope_decay_svg(),
-               "flops_and_time.svg": flops_and_time, "gpu_time.svg": gpu_time_svg(),
-               "kept_patches.svg": kept_patches_svg()}
+    figures = {"architecture.svg": architecture_svg(), "patch_grid.svg": patch_grid_svg(),
+               "pruning_sequence.svg": pruning_sequence_svg(),
+               "causal_votes.svg": causal_votes_svg(), "cache_slots.svg": cache_slots_svg(),
+               "rope_decay.svg": rope_decay_svg(), "flops_and_time.svg": flops_and_time,
+               "gpu_time.svg": gpu_time_svg(), "kept_patches.svg": kept_patches_svg()}
     for name, svg in figures.items():
         (Path(args.out) / name).write_text(svg, encoding="utf-8")
         print(f"wrote {Path(args.out) / name}")
