@@ -7,12 +7,12 @@ run measured.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from .errors import SettingsError
-from .flops import prefill_flops_report
+from .flops import flops_text, prefill_flops_report
 
 
 @dataclass
@@ -55,15 +55,20 @@ def synchronize(device):
 
 @dataclass
 class GenerationStats:
-    """What a generate() run measured; pass one as `stats=` and read it afterwards."""
+    """What a generate() run measured; pass one as `stats=` and read it afterwards.
+
+    Counts and settings, and one tensor: kept_image_indices (image_tokens_kept is their count).
+    """
 
     prompt_tokens: int = 0  # per prompt, padding included
     image_tokens: int = 0  # per prompt: the tokens FastV ranks, of all images and videos together
     video_tokens: int = 0  # of those, how many are video frames'
-    image_tokens_kept: int = 0
+    image_tokens_kept: int = 0  # of those, how many FastV kept (all of them without FastV)
     k: int | None = None  # FastV's settings, None without FastV
     r: float | None = None
-    kept_image_tokens: torch.Tensor | None = None  # (B, kept): the kept image tokens' indices
+    # (B, image_tokens_kept), sorted: WHICH image tokens FastV kept, as indices among the prompt's
+    # image tokens (0 is the first); cache.kept_image_tokens, on the CPU. None without FastV.
+    kept_image_indices: torch.Tensor | None = None
     kv_cache_bytes: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
@@ -74,6 +79,19 @@ class GenerationStats:
     def decode_tokens_per_second(self):
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
+    def __repr__(self):
+        """Counts and settings as they are; the indices as their shape, the FLOPs as their ratio."""
+        def short(name, value):
+            if isinstance(value, torch.Tensor):
+                return f"<{tuple(value.shape)} tensor>"
+            if name == "flops" and value is not None:
+                return f"<{flops_text(value['exact'])}, {value['exact_ratio']:.1%} of unpruned>"
+            return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+        shown = ", ".join(f"{field.name}={short(field.name, getattr(self, field.name))}"
+                          for field in fields(self))
+        return f"GenerationStats({shown})"
+
     def record_prefill(self, config, input_ids, cache, fastv, seconds):
         self.prompt_tokens = input_ids.shape[1]
         self.image_tokens = self.image_tokens_kept = int(config.is_visual(input_ids[0]).sum())
@@ -83,7 +101,7 @@ class GenerationStats:
         if pruned:
             self.k, self.r = fastv.k, fastv.r
             self.image_tokens_kept = cache.kept_image_tokens.shape[1]
-            self.kept_image_tokens = cache.kept_image_tokens.cpu()
+            self.kept_image_indices = cache.kept_image_tokens.cpu()
         self.prefill_seconds = seconds
         self.kv_cache_bytes = cache.nbytes()
         self.flops = prefill_flops_report(

@@ -60,7 +60,7 @@ def test_default_run_prunes_and_prints_stats(checkpoint_folder):
     answer, _, stats = result.stdout.partition("\n---\n")
     assert answer.strip() == expected_answer(checkpoint_folder, M.FastV(2, 0.5))
     assert "FastV K=2, R=0.5: image tokens 36 -> 18 kept" in stats
-    for word in ("prefill", "GFLOPs", "tokens/s", "KV cache"):
+    for word in ("prefill", "MFLOPs (", "tokens/s", "KV cache"):  # this tiny model's prefill: 22 MFLOPs
         assert word in stats
     assert "loaded" in result.stderr  # loading reports its progress
 
@@ -84,7 +84,42 @@ def test_compare_prints_both(checkpoint_folder):
     assert "without FastV" in result.stdout and "| FastV K=2, R=0.75: image tokens 36 -> 9 kept" in result.stdout
     plain, fast = expected_answer(checkpoint_folder, None), expected_answer(checkpoint_folder, M.FastV(2, 0.75))
     assert plain in result.stdout and fast in result.stdout
-    assert "prefill with FastV" in result.stdout
+    assert "with FastV (median of 3 interleaved runs each; " in result.stdout
+    assert "decode steps of " in result.stdout  # and says how decode speed was measured
+    assert "timing the prefill: 3 interleaved runs per setting" in result.stderr  # nothing silent
+
+
+def test_compare_times_interleaved_runs_and_headlines_medians_with_their_spread(checkpoint_folder, monkeypatch,
+                                                                                capsys):
+    """--runs 4: after the warm-up, 4 prefills per setting alternate (plain, FastV, plain, ...); the table shows
+    each setting's median, and the headline the ratio of the medians with the range of the runs' ratios."""
+    timed = []
+    times = {None: iter([1.0, 3.0, 1.2, 1.1]), "fastv": iter([0.5, 0.6, 0.8, 0.4])}
+
+    def scripted_prefill(model, question, fastv):
+        timed.append(fastv)
+        return next(times[None if fastv is None else "fastv"])
+
+    monkeypatch.setattr(ask, "prefill_seconds", scripted_prefill)
+    assert ask.command(["--model", str(checkpoint_folder), "--device", "cpu", "--max-new-tokens", "3", "--compare",
+                        "--runs", "4"]) == 0
+    captured = capsys.readouterr()
+    assert [fastv is None for fastv in timed] == [True, False] * 4
+    assert "timing the prefill: 4 interleaved runs per setting" in captured.err
+    # medians 1.15 and 0.55; per run 2.0, 5.0, 1.5, 2.75
+    assert "prefill 1.15 s, " in captured.out and "| prefill 0.55 s, " in captured.out
+    assert ("prefill 2.09x faster with FastV (median of 4 interleaved runs each; 1.50x-5.00x faster run by run)\n"
+            in captured.out)
+
+
+def test_prefill_sentence_says_slower_and_a_spread_across_one():
+    assert ask.prefill_sentence([1.0, 1.0, 1.0], [0.5, 0.625, 0.8]) == (
+        "prefill 1.60x faster with FastV (median of 3 interleaved runs each; 1.25x-2.00x faster run by run)")
+    assert ask.prefill_sentence([1.0, 1.0, 1.0], [1.25, 2.0, 1.47]) == (
+        "prefill 1.47x slower with FastV (median of 3 interleaved runs each; 1.25x-2.00x slower run by run)")
+    assert ask.prefill_sentence([1.0, 1.0, 1.0], [0.5, 1.0, 2.0]) == (
+        "prefill 1.00x faster with FastV (median of 3 interleaved runs each; from 2.00x slower to 2.00x faster "
+        "run by run)")
 
 
 def test_compile_compare_gives_the_eager_answers(checkpoint_folder, capsys, monkeypatch, fresh_compiler):
@@ -111,11 +146,6 @@ def test_compile_without_a_compiler_is_one_sentence(command, checkpoint_folder, 
     err = capsys.readouterr().err.strip()
     assert err == ("error: --compile on the CPU needs a C++ compiler (g++ or clang++), which torch.compile uses to build its "
                    "kernels: install one, or leave --compile out.")
-
-
-def test_compare_says_slower_when_it_was():
-    assert ask.speed_up_sentence(2.0, 1.0) == "2.00x faster prefill with FastV"
-    assert ask.speed_up_sentence(1.0, 1.47) == "1.47x slower prefill with FastV"
 
 
 def test_two_images_with_placeholders(checkpoint_folder, tmp_path):
@@ -154,6 +184,13 @@ def test_sampling_flags_reach_generation(checkpoint_folder, capsys):
     assert sampled != greedy  # the tiny model is flat enough that sampling at 1.5 wanders off
 
 
+@pytest.mark.parametrize("command", ["ask", "flops"])
+def test_version(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        COMMANDS[command](["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"minifastv {cli.VERSION}\n"
+
+
 # ----------------------------------------------------------------------------------------------------
 # --model tiny: every command, offline
 
@@ -174,6 +211,56 @@ def test_model_tiny_runs_offline(command, tiny_weights, tmp_path):
     assert (tiny_weights / "tiny" / "model.safetensors").is_file()
     expected = {"ask": "image tokens 576 -> 288 kept", "analyze": "wrote", "bench": "R=0.50"}[command]
     assert expected in result.stdout
+
+
+def test_system_prompt_comes_first(tiny_weights, monkeypatch):
+    """--system vicuna_v1: the prompt starts with Vicuna's system text (after <s>); none, the default, without it."""
+    from minifastv.prompt import SYSTEM_PROMPTS
+
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tiny_weights)
+
+    def prompt_ids(*flags):
+        return ask.prepare(ask.parse_args(["--model", "tiny", "--device", "cpu", *flags])).input_ids[0]
+
+    plain, vicuna = prompt_ids(), prompt_ids("--system", "vicuna_v1")
+    tokenizer = Tokenizer.from_folder(tiny_weights / "tiny")
+    assert vicuna[0] == plain[0] == 1  # <s>
+    assert tokenizer.decode(vicuna.tolist()) == SYSTEM_PROMPTS["vicuna_v1"] + " " + tokenizer.decode(plain.tolist())
+    assert tokenizer.decode(plain.tolist()).startswith("USER:")
+    assert torch.equal(prompt_ids("--system", "none"), plain)
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tiny_weights):
+    """SIGINT while the answer streams: exit code 130, what was printed stays, and stderr ends in one line."""
+    import signal
+    import threading
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "MINIFASTV_WEIGHTS": str(tiny_weights)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minifastv", "--model", "tiny", "--device", "cpu", "--max-new-tokens", "3000"],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a shell without job control starts background jobs with SIGINT ignored; Python would then never raise
+        # KeyboardInterrupt, so give the child the default handler back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    answering = threading.Event()
+    first_bytes = []
+    # the tiny model never says </s> early: 3000 tokens take far longer than the moment until the signal
+    reader = threading.Thread(target=lambda: (first_bytes.append(process.stdout.read(1)), answering.set()))
+    reader.start()
+    try:
+        assert answering.wait(timeout=240) and first_bytes[0], "no answer started"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        reader.join()
+    err = err.decode()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.count("interrupted") == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == "interrupted (Ctrl-C)", err
+    assert (first_bytes[0] + out).strip(), "the answer printed before the interrupt is kept"
 
 
 def test_tiny_checkpoint_is_a_real_llava_hf_folder(tmp_path, monkeypatch):
@@ -270,7 +357,19 @@ def bad_cases(checkpoint_folder, tmp_path_factory):
             "truncated weights": (["--model", str(broken["truncated"]), "--device", "cpu"], ["model.safetensors", "truncated"]),
         }.items()})
     cases.update({
-        ("ask", "negative temperature"): ([*model, "--temperature", "-1"], ["temperature", "0 (greedy) or more"]),
+        ("ask", "negative temperature"): ([*model, "--temperature", "-1"], ["temperature", "0 (greedy) or a finite"]),
+        ("ask", "infinite temperature"): ([*model, "--temperature", "inf"], ["temperature", "finite", "got inf"]),
+        ("ask", "nan temperature"): ([*model, "--temperature", "nan"], ["temperature", "got nan"]),
+        ("ask", "seed too large"): ([*model, "--temperature", "1", "--seed", "100000000000000000000000"],
+                                    ["seed", "[0, 2**64)", "100000000000000000000000"]),
+        ("ask", "negative seed"): ([*model, "--temperature", "1", "--seed", "-1"], ["seed", "[0, 2**64)"]),
+        ("ask", "seed without sampling"): ([*model, "--seed", "100000000000000000000000"], ["--seed", "--temperature"]),
+        ("ask", "no-fastv and compare"): ([*model, "--no-fastv", "--compare"], ["--no-fastv", "--compare"]),
+        ("ask", "no-fastv and k"): ([*model, "--no-fastv", "--k", "3"], ["--no-fastv", "--k would"]),
+        ("ask", "no-fastv and r"): ([*model, "--no-fastv", "--r", "0.5"], ["--no-fastv", "--r would"]),
+        ("ask", "no-fastv and k and r"): ([*model, "--no-fastv", "--k", "2", "--r", "0.5"], ["--no-fastv", "--k and --r"]),
+        ("ask", "runs without compare"): ([*model, "--runs", "5"], ["--runs", "--compare"]),
+        ("ask", "too few runs"): ([*model, "--compare", "--runs", "1"], ["--runs", "at least 3", "got 1"]),
         ("ask", "top-p zero"): ([*model, "--temperature", "1", "--top-p", "0"], ["top-p", "(0, 1]"]),
         ("ask", "top-p above one"): ([*model, "--temperature", "1", "--top-p", "1.5"], ["top-p", "(0, 1]"]),
         ("ask", "top-p without sampling"): ([*model, "--top-p", "0.9"], ["top-p", "only when sampling"]),
@@ -306,6 +405,11 @@ def bad_cases(checkpoint_folder, tmp_path_factory):
         ("flops", "videos for llava"): (["--config", "llava-1.5-7b", "--videos", "1"], ["--videos", "Video-LLaVA"]),
         ("flops", "nothing to prune"): (["--config", "video-llava-7b", "--videos", "0"], ["at least one image or video"]),
         ("flops", "negative videos"): (["--config", "video-llava-7b", "--videos", "-1"], ["--videos", "at least 0"]),
+        ("flops", "prompt past the context"): (["--text-tokens", "100000"], ["--text-tokens 100000", "100576-token",
+                                                                             "context of 4096"]),
+        ("flops", "images past the context"): (["--config", "llava-1.5-7b", "--images", "8"], ["--images", "4644-token"]),
+        ("flops", "videos past the context"): (["--config", "video-llava-7b", "--videos", "2"], ["--videos", "4148-token"]),
+        ("flops", "r nan"): (["--r", "nan"], ["--r", "[0, 1)"]),
     })
     if not torch.cuda.is_available():
         for command in ("ask", "analyze", "bench"):
@@ -321,7 +425,10 @@ def bad_case_ids():
              "no config", "no weights", "no tokenizer", "broken config", "foreign config", "broken tokenizer",
              "broken preprocessor", "truncated weights"]
     ids = [(command, name) for command in ("ask", "analyze") for name in names]
-    ids += [("ask", name) for name in ("negative temperature", "top-p zero", "top-p above one", "top-p without sampling")]
+    ids += [("ask", name) for name in ("negative temperature", "top-p zero", "top-p above one", "top-p without sampling",
+                                       "infinite temperature", "nan temperature", "seed too large", "negative seed",
+                                       "seed without sampling", "no-fastv and compare", "no-fastv and k",
+                                       "no-fastv and r", "no-fastv and k and r", "runs without compare", "too few runs")]
     ids += [("analyze", "bad heatmap layers"), ("analyze", "out is a file")]
     ids += [("bench", name) for name in ("k too large", "k too large for the model", "nonsense device", "zero repeats",
                                          "negative text tokens", "too many text tokens", "one layer", "odd width",
@@ -329,7 +436,9 @@ def bad_case_ids():
                                          "random video model without --video", "random image model with --video")]
     ids += [("flops", name) for name in ("unknown config", "missing config", "broken config", "k too large", "r one",
                                          "r negative", "negative text tokens", "no images", "r keeps no image token",
-                                         "videos for llava", "nothing to prune", "negative videos")]
+                                         "videos for llava", "nothing to prune", "negative videos",
+                                         "prompt past the context", "images past the context",
+                                         "videos past the context", "r nan")]
     if not torch.cuda.is_available():
         ids += [(command, "cuda without a GPU") for command in ("ask", "analyze", "bench")]
     return ids
@@ -359,7 +468,8 @@ def test_bad_input_is_one_sentence_and_exit_code_2(bad_cases, command, case, cap
 
 def test_bad_input_exit_code_in_a_real_process(bad_cases, checkpoint_folder):
     """The same reporter at the process level: `python -m ...` exits with 2 and prints no traceback."""
-    chosen = [("ask", "truncated weights"), ("analyze", "k too large"), ("bench", "zero repeats"), ("flops", "r one")]
+    chosen = [("ask", "truncated weights"), ("ask", "seed too large"), ("analyze", "k too large"), ("bench", "zero repeats"),
+              ("flops", "r one"), ("flops", "prompt past the context")]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda key: run_module(MODULES[key[0]], *bad_cases[key][0]), chosen))
     for key, result in zip(chosen, results):

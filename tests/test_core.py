@@ -297,6 +297,22 @@ def test_sampling_is_reproducible_and_tiny_top_p_is_greedy(ours, one_image):
     assert torch.equal(sample(1, temperature=5.0, top_p=1e-6), greedy)
 
 
+def test_generation_stats_print_counts_not_tensors(ours, one_image):
+    """print(stats) shows the counts, the kept indices' shape and the FLOPs' ratio: no 288-number tensor dump."""
+    from minifastv import FastV, GenerationStats
+
+    ids, px = one_image
+    stats = GenerationStats()
+    generate(ours, ids, px, max_new_tokens=3, eos_token_id=NO_EOS, fastv=FastV(2, 0.5), stats=stats)
+    text = repr(stats)
+    assert stats.image_tokens_kept == 18 and stats.kept_image_indices.shape == (1, 18)
+    for shown in ("image_tokens=36", "image_tokens_kept=18", "kept_image_indices=<(1, 18) tensor>", "k=2", "r=0.5",
+                  "decode_tokens=2", "of unpruned>"):
+        assert shown in text, text
+    assert "tensor([" not in text and len(text) < 400, text
+    assert "kept_image_indices=None" in repr(GenerationStats())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Errors
 

@@ -133,7 +133,7 @@ def test_generation_with_pruned_cache_equals_cache_free_loop(ours, num_images, b
     stats = minifastv.GenerationStats()
     generated = minifastv.generate(ours, ids, pixels, attention_mask=mask, max_new_tokens=12, fastv=fastv, stats=stats, eos_token_id=-1)
     assert generated.shape == (batch_size, 12)
-    kept = stats.kept_image_tokens
+    kept = stats.kept_image_indices
     same_choice = M.FastV(2, 0.5, rule=lambda inputs: kept)
     sequence, sequence_mask = ids, mask
     expected = []
@@ -165,7 +165,7 @@ def test_generation_stats(ours):
     minifastv.generate(ours, ids, pixels, max_new_tokens=5, fastv=M.FastV(2, 0.75), stats=stats, eos_token_id=-1)
     assert (stats.k, stats.r) == (2, 0.75)
     assert stats.image_tokens == 2 * TOKENS_PER_IMAGE and stats.image_tokens_kept == round(72 * 0.25)
-    assert stats.kept_image_tokens.shape == (1, stats.image_tokens_kept)
+    assert stats.kept_image_indices.shape == (1, stats.image_tokens_kept)
     assert stats.decode_tokens == 4 and stats.prefill_seconds > 0 and stats.decode_tokens_per_second > 0
     assert stats.kv_cache_bytes > 0 and stats.flops["exact"] < stats.flops["exact_unpruned"]
     plain = minifastv.GenerationStats()

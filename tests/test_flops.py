@@ -131,3 +131,39 @@ def test_kv_cache_bytes_equal_the_cache(hub_checkpoint, fastv):
     generate(model, ids, random_pixels(2), max_new_tokens=1, fastv=fastv, stats=stats)  # the prompt's cache only
     k, r = (fastv.k, fastv.r) if fastv else (None, 0.0)
     assert kv_cache_bytes(model.config, ids.shape[1], 72, k, r) == stats.kv_cache_bytes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Printing: a unit that suits the magnitude
+
+
+def test_flops_text_picks_the_unit():
+    from minifastv.flops import flops_text, flops_unit
+
+    assert flops_text(8.514e12) == "8.51 TFLOPs" and flops_text(2.004e9) == "2.00 GFLOPs"
+    assert flops_text(191.1e6) == "191.10 MFLOPs" and flops_text(950) == "950.00 FLOPs"
+    assert flops_unit(999.9e9) == (1e9, "GFLOPs") and flops_unit(1e12) == (1e12, "TFLOPs")
+
+
+def test_flops_cli_on_the_tiny_config_prints_mflops_and_gflops(tmp_path, capsys):
+    """The tiny model's prefill is a couple of GFLOPs: never "0.00 TFLOPs", nor a 0.00 GiB cache."""
+    import json
+
+    from minifastv.flops.__main__ import main
+    from minifastv.tiny import tiny_config_values
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config_values(image_token_id=300, pad_token_id=301, vocab_size=302)))
+    main(["--config", str(config)])
+    out = capsys.readouterr().out
+    assert "MFLOPs (" in out.splitlines()[1] and "GFLOPs (" in out.splitlines()[2], out
+    assert "0.00" not in out and "MiB" in out, out
+
+
+def test_flops_cli_refuses_a_prompt_past_the_context(capsys):
+    from minifastv.flops.__main__ import command
+
+    assert command(["--config", "llava-1.5-7b", "--text-tokens", "3521"]) == 2  # 3521 + 576 = 4097 > 4096
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --text-tokens 3521 and 576 image tokens"), err
+    assert command(["--config", "llava-1.5-7b", "--text-tokens", "3520"]) in (0, None)  # exactly the context

@@ -111,6 +111,21 @@ def prefill_flops_report(config, num_tokens, num_image_tokens, fastv=None, batch
     return report
 
 
+def flops_unit(flops):
+    """(scale, name) of the unit that shows a FLOP count readably: TFLOPs for a 7B model's prefill,
+    GFLOPs or MFLOPs for a tiny model's."""
+    for scale, name in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if flops >= scale:
+            return scale, name
+    return 1, "FLOPs"
+
+
+def flops_text(flops):
+    """8.51 TFLOPs for a real model's prefill, 2.00 GFLOPs for the tiny one's."""
+    scale, name = flops_unit(flops)
+    return f"{flops / scale:.2f} {name}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Memory: what FastV's pruned KV cache saves, next to the weights
 
