@@ -6,7 +6,12 @@
    (the model's `observe` hook), split the answer tokens' attention over four classes of tokens:
    the allocation table, a stacked-bar chart, and the full attention map of a few layers (log
    scale), one layer at a time.
-2. Prune with FastV (K, R) under several rules and dim the dropped patches over the image.
+2. Prune with FastV (K, R) under several rules and dim the dropped patches over the image, one
+   row per image and video frame.
+
+The tables go to the terminal, the three pictures (attention_allocation.png,
+attention_heatmaps.png, kept_patches.png) into --out: analysis/ in the current folder unless you
+name another.
 """
 
 import argparse
@@ -25,15 +30,19 @@ from .image import ImageProcessorConfig
 from .model import FastV, attention_rows, fastv_rule, visual_layout
 from .rules import grid_rule, no_rope_rule, random_rule
 
-# The paper's four token classes. llava-hf's template has no system prompt, so "system" is what
-# comes before the first image: <s> and "USER: ", 5 tokens (<s> ▁US ER : ▁); the paper's template
-# also had "A chat between a curious human and an artificial intelligence assistant..." there.
+# The paper's four token classes. "system" is what comes before the first image: with llava-hf's
+# template (--system none, the default) <s> and "USER: ", 5 tokens (<s> ▁US ER : ▁); the paper's
+# template also had "A chat between a curious human and an artificial intelligence assistant..."
+# there, which --system llava_v1 puts back.
 CLASSES = ("system", "image", "instruction", "output")  # drawn blue, orange, green, red:
 CLASS_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 RULES = (fastv_rule, no_rope_rule, random_rule, grid_rule)
+RULE_TITLES = {fastv_rule: "FastV", no_rope_rule: "FastV without RoPE", random_rule: "random",
+               grid_rule: "uniform grid"}  # the kept-patch picture's column titles
 FONT = ImageFont.load_default(size=14)
 HEATMAP_SIZE = 512  # pixels per heatmap: longer sequences are average-pooled down to this
 DIM = 0.3  # a pruned patch keeps 30% of its brightness
+PANELS_TOP = 70  # the kept-patch picture: title and two-line captions above, the panels below
 
 # ------------------------------------------------------------------------------------------------
 # 1. Attention allocation: the answer tokens' attention rows only, one layer at a time.
@@ -284,59 +293,91 @@ def kept_patches_panel(image, is_kept):
     return panel
 
 
+def rule_title(rule):
+    """A rule's name in words, for a picture: RULE_TITLES, or the function's name without "_rule"
+    and underscores (a rule of your own, row_balanced_rule: "row balanced")."""
+    return RULE_TITLES.get(rule) or rule.__name__.removesuffix("_rule").replace("_", " ")
+
+
+def picture_labels(num_images, num_videos, num_frames):
+    """The label of each picture in the prompt's order, the images, then every video's frames:
+    "image 1", "image 2", "frame 1" .. "frame 8" ("video 2, frame 1" when there are several)."""
+    labels = [f"image {number}" for number in range(1, num_images + 1)]
+    for video in range(1, num_videos + 1):
+        prefix = f"video {video}, " if num_videos > 1 else ""
+        labels += [f"{prefix}frame {frame}" for frame in range(1, num_frames + 1)]
+    return labels
+
+
 def kept_patches_figure(model, input_ids, pixel_values, image_config, k, r, rules=RULES,
                         pixel_values_videos=None):
-    """One column per rule, one row per image and video frame: the patches FastV(k, r, rule) keeps,
-    the pruned ones dimmed."""
-    pictures = [] if pixel_values is None else list(pixel_values)
-    if pixel_values_videos is not None:
-        pictures += list(pixel_values_videos.flatten(0, 1))  # every frame
-    pictures = [preprocessed_image(pixels, image_config) for pixels in pictures]
+    """One column per rule, one row per image and video frame, each row labelled: the patches
+    FastV(k, r, rule) keeps, the pruned ones dimmed."""
+    images = [] if pixel_values is None else list(pixel_values)  # (3, H, W) each
+    videos = [] if pixel_values_videos is None else list(pixel_values_videos)  # (F, 3, H, W) each
+    labels = picture_labels(len(images), len(videos), len(videos[0]) if videos else 0)
+    pictures = [preprocessed_image(pixels, image_config)
+                for pixels in images + [frame for video in videos for frame in video]]
     side = pictures[0].width
-    num_image_tokens = int(model.config.is_visual(input_ids).sum())
+    num_tokens = int(model.config.is_visual(input_ids).sum())  # image and video tokens
     columns = []
     for rule in rules:
         torch.manual_seed(0)  # random_rule draws from torch's global generator: the same each run
         kept = kept_image_tokens(model, input_ids, pixel_values, FastV(k, r, rule=rule),
                                  pixel_values_videos)
         grids = kept_patch_grids(kept, input_ids, model.config)
-        caption = f"{rule.__name__}\n{len(kept)}/{num_image_tokens} kept"
+        caption = f"{rule_title(rule)}\n{len(kept)} of {num_tokens} kept"
         panels = [kept_patches_panel(picture, grid) for picture, grid in zip(pictures, grids)]
         columns.append((caption, panels))
-    title = f"FastV K={k}, R={r}: image tokens kept at layer {k} (pruned patches dimmed)"
-    width = max(10 + len(rules) * (side + 10), int(FONT.getlength(title)) + 20)
-    figure = Image.new("RGB", (width, 70 + len(pictures) * (side + 10)), "white")
+    kinds = " and ".join(kind for kind, given in (("image", images), ("video", videos)) if given)
+    title = f"FastV K={k}, R={r:g}: the {kinds} tokens kept at layer {k} (pruned patches dimmed)"
+    left = 10 + max(int(FONT.getlength(label)) for label in labels) + 10  # the row labels' margin
+    step = max(side, *(int(FONT.getlength(line)) for caption, _ in columns
+                       for line in caption.split("\n"))) + 10  # a column, as wide as its caption
+    width = max(left + len(rules) * step, int(FONT.getlength(title)) + 20)
+    figure = Image.new("RGB", (width, PANELS_TOP + len(pictures) * (side + 10)), "white")
     draw = ImageDraw.Draw(figure)
     draw.text((10, 8), title, fill="black", font=FONT)
+    for row, label in enumerate(labels):
+        draw.text((10, PANELS_TOP + row * (side + 10) + side / 2), label, fill="black", font=FONT,
+                  anchor="lm")
     for number, (caption, panels) in enumerate(columns):
-        x = 10 + number * (side + 10)
+        x = left + number * step
         draw.multiline_text((x, 30), caption, fill="black", font=FONT)
         for row, panel in enumerate(panels):
-            figure.paste(panel, (x, 70 + row * (side + 10)))
+            figure.paste(panel, (x, PANELS_TOP + row * (side + 10)))
     return figure
 
 
 # ------------------------------------------------------------------------------------------------
 # The command line.
 
+DEFAULT_HEATMAP_LAYERS = (0, 1, 2, 15, 31)  # LLaVA-1.5-7B's first three layers, a middle, the last
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minifastv.analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_version_argument(parser)
     cli.add_model_arguments(parser)
     cli.add_question_arguments(parser, max_new_tokens=32)
     cli.add_fastv_arguments(parser)
-    parser.add_argument("--heatmap-layers", default="0,1,2,15,31",
-                        help="layers whose full attention map to draw, clipped to the last layer "
-                             "(default %(default)s)")
-    parser.add_argument("--out", default="analysis",
-                        help="folder for the PNGs (default %(default)s/)")
+    cli.add_system_argument(parser, default="none")
+    parser.add_argument(
+        "--heatmap-layers", metavar="LAYERS",
+        help="the layers whose full attention map to draw, counted from 0, each below the "
+             "model's layer count (default 0,1,2,15,31 on a 32-layer model; on a smaller one "
+             "its first three, middle and last layers, said in a note)")
+    parser.add_argument(
+        "--out", default="analysis", metavar="FOLDER",
+        help="the folder for the three PNGs, created if missing (default analysis/ in the "
+             "current folder; the repository's .gitignore leaves it out of git)")
     return parser.parse_args(argv)
 
 
-def heatmap_layers(text, num_layers):
-    """The layers named by --heatmap-layers ("0,1,2,15,31"), each clipped to the model's last
-    layer."""
+def parse_heatmap_layers(text):
+    """The layer numbers of --heatmap-layers ("0,1,2,15,31"), in order, checked as far as they
+    can be without the model: numbers, none negative, none twice."""
     try:
         layers = [int(word) for word in text.split(",") if word.strip()]
     except ValueError:
@@ -345,41 +386,83 @@ def heatmap_layers(text, num_layers):
     if not layers or any(layer < 0 for layer in layers):
         raise UsageError("--heatmap-layers must be one or more layer numbers >= 0, "
                          f"got {text!r}.")
-    return {min(layer, num_layers - 1) for layer in layers}
+    twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if twice:
+        raise UsageError(f"--heatmap-layers names layer {twice[0]} more than once: give each "
+                         "layer once.")
+    return layers
 
 
-def output_folder(path):
-    """--out, created now (before the slow part), or a UsageError saying why it cannot be."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out {path} cannot be a folder for the PNGs "
-                         f"({error.strerror}).") from None
-    return Path(path)
+def heatmap_layers(layers, num_layers):
+    """The layers to draw: --heatmap-layers (parsed; None when not given), each checked against the
+    model's num_layers. The default, when it does not fit, becomes the model's first three,
+    middle and last layers, with a note on stderr."""
+    if layers is None:
+        if max(DEFAULT_HEATMAP_LAYERS) < num_layers:
+            return set(DEFAULT_HEATMAP_LAYERS)
+        fitted = sorted({layer for layer in (0, 1, 2, num_layers // 2 - 1, num_layers - 1)
+                         if 0 <= layer < num_layers})
+        print(f"note: this model has {num_layers} decoder layers, so the heatmaps are of layers "
+              f"{','.join(map(str, fitted))} instead of the default "
+              f"{','.join(map(str, DEFAULT_HEATMAP_LAYERS))}.", file=sys.stderr, flush=True)
+        return set(fitted)
+    outside = [layer for layer in layers if layer >= num_layers]
+    if outside:
+        raise UsageError(f"--heatmap-layers {outside[0]} is not a layer of this model: it has "
+                         f"{num_layers} decoder layers, 0 to {num_layers - 1}.")
+    return set(layers)
+
+
+def check_out(path):
+    """--out, checked before anything slow but made only when the pictures are written, so that a
+    refused run leaves no empty folder behind: the nearest folder of its path that exists must take
+    a file."""
+    path = Path(path)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {path} cannot be a folder for the pictures: {existing} is a "
+                         "file.")
+    cli.check_output(existing, "--out", folder=True)  # a file can be written there
+    return path
+
+
+def stage(text):
+    """One line on stderr as a slow step starts, so that a long run shows where it is."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def main(argv=None, out=None):
     out = out or sys.stdout
     args = parse_args(argv)
-    question = cli.prepare_question(args)  # every check before the load
-    layers = heatmap_layers(args.heatmap_layers, question.config.text.num_hidden_layers)
-    out_folder = output_folder(args.out)
+    # every check before the download and the load: the flags alone, the output folder, then the
+    # question against the model's files
+    layers = None if args.heatmap_layers is None else parse_heatmap_layers(args.heatmap_layers)
+    cli.check_fastv(args.k, args.r)
+    cli.check_at_least("--max-new-tokens", args.max_new_tokens)
+    out_folder = check_out(args.out)
+    question = cli.prepare_question(args)
+    layers = heatmap_layers(layers, question.config.text.num_hidden_layers)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)
     input_ids, pixel_values = question.input_ids, question.pixel_values
     videos = question.pixel_values_videos
+    stage(f"answering (at most {args.max_new_tokens} new tokens)")
     answer = generate(model, input_ids, pixel_values, videos,
                       max_new_tokens=args.max_new_tokens).cpu()  # (1, n_out)
     print(f"answer: {question.tokenizer.decode(answer[0].tolist()).strip()}", file=out)
     sequence = torch.cat([input_ids, answer], dim=1)  # (1, T): prompt + answer
+    stage(f"measuring the attention of {sequence.shape[1]} tokens in every layer, heatmaps of "
+          f"layers {','.join(map(str, sorted(layers)))}")
     result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers, videos)
     sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
     print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
+    stage(f"pruning with FastV K={args.k}, R={args.r:g} under {len(RULES)} rules")
     image_config = ImageProcessorConfig.from_folder(question.folder)
     kept = kept_patches_figure(model, input_ids, pixel_values, image_config, args.k, args.r,
                                pixel_values_videos=videos)
     pictures = {"attention_allocation.png": allocation_chart(result.allocation),
                 "attention_heatmaps.png": heatmaps_figure(result.heatmaps),
                 "kept_patches.png": kept}
+    out_folder.mkdir(parents=True, exist_ok=True)
     for name, picture in pictures.items():
         picture.save(out_folder / name)
         print(f"wrote {out_folder / name} ({picture.width} x {picture.height})", file=out)

@@ -5,7 +5,8 @@ rule, the model loaded once, and compares each setting with "none" on the same q
 
 The protocol is LLaVA-1.5's own (llava/eval/model_vqa_loader.py, scripts/v1_5/eval/pope.sh):
 greedy, at most --max-new-tokens 128 (answers stop after a word or two), each image padded to a
-square (--crop: llava-hf's center crop), and the prompt, LLaVA's system prompt first:
+square (--crop: llava-hf's center crop), and the prompt, LLaVA's system prompt first (--system
+vicuna_v1, the default; none or llava_v1 change it, and the answers file records which):
   A chat between a curious user and an artificial intelligence assistant. The assistant gives
   helpful, detailed, and polite answers to the user's questions. USER: <image>\\n{question}\\n
   Answer the question using a single word or phrase. ASSISTANT:
@@ -27,9 +28,10 @@ wrong 0) and its 95% normal interval, mean ± 1.96 sd / sqrt(n): "costs 2.1 poin
 "not distinguishable" when the interval holds 0.
 
 Each answer is appended to --answers FILE (JSON lines after a header naming the model, task,
-sample and protocol) as it is made; --resume FILE continues a run that stopped, and refuses a file
-of another model, task, sample or protocol (settings and rules may be added). The random rule is
-seeded with --seed before each batch: its answers depend on the batch size.
+sample and protocol, system prompt included) as it is made, so a run stopped by Ctrl-C keeps
+them; --resume FILE continues it, and refuses a file of another model, task, sample or protocol
+(settings and rules may be added). The random rule is seeded with --seed before each batch: its
+answers depend on the batch size.
 
 examples:
   python -m minifastv.eval --model tiny --data my_photos --settings none,K2R0.5
@@ -62,15 +64,14 @@ from .errors import UsageError
 from .generation import generate
 from .image import ImageProcessorConfig, load_image, preprocess
 from .model import FastV
-from .prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt, left_pad
+from .prompt import Tokenizer, encode_prompt, format_prompt, left_pad
 from .rules import RULES, load_rule
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's eval prompt
-PROMPT = format_prompt("{question}\n" + SHORT_ANSWER, system=SYSTEM_PROMPTS["vicuna_v1"])
 Z = 1.959964  # the standard normal's 97.5% quantile: 95% intervals
 # What a file must share with this run for --resume to continue it; its header holds them.
-RESUME_KEYS = ("model", "task", "limit", "seed", "prompt", "max_new_tokens", "image", "dtype",
-               "sample")
+RESUME_KEYS = ("model", "task", "limit", "seed", "system", "prompt", "max_new_tokens", "image",
+               "dtype", "sample")
 
 # POPE on the hub, as its dataset card (README.md of lmms-lab/POPE) declares it: a config "Full",
 # the splits adversarial, popular and random in Full/<split>-*, and a config "default", one split
@@ -81,6 +82,15 @@ RESUME_KEYS = ("model", "task", "limit", "seed", "prompt", "max_new_tokens", "im
 POPE_REPO, POPE_REVISION = "lmms-lab/POPE", "4db1276663dfa5eb8ad16a52d24c31a09e470896"
 POPE_FILE = "Full/{}-00000-of-00001.parquet"
 POPE_SPLITS = ("adversarial", "popular", "random")
+
+
+def prompt_template(system="vicuna_v1"):
+    """The prompt, {question} to fill in: --system's system prompt (none, vicuna_v1, llava_v1),
+    then the image, the question and LLaVA-1.5's short-answer instruction."""
+    return format_prompt("{question}\n" + SHORT_ANSWER, system=cli.system_prompt(system))
+
+
+PROMPT = prompt_template()  # the default, vicuna_v1: what LLaVA-1.5's authors evaluated with
 
 
 @dataclass
@@ -290,13 +300,14 @@ def answer_batch(model, tokenizer, prompts, pixel_values, fastv, max_new_tokens)
 def answer_all(model, tokenizer, image_config, task, questions, runs, done, answers_file, args):
     """Every (run, question) not in `done`, batch after batch, each batch through every run
     before the next: a run stopped early holds every setting on the same questions."""
+    template = prompt_template(args.system)
     to_do = sum((run.name, q.id) not in done for run in runs for q in questions)
     with tqdm(total=to_do, desc="answers", unit="answer", file=sys.stderr) as progress:
         for start in range(0, len(questions), args.batch_size):
             batch = questions[start:start + args.batch_size]
             if all((run.name, q.id) in done for run in runs for q in batch):
                 continue
-            prompts = [encode_prompt(tokenizer, PROMPT.format(question=q.question),
+            prompts = [encode_prompt(tokenizer, template.format(question=q.question),
                                      model.config.image_tokens_per_image) for q in batch]
             images = [Image.open(io.BytesIO(q.image)) if isinstance(q.image, bytes) else q.image
                       for q in batch]  # a file, or POPE's JPEG bytes
@@ -443,11 +454,13 @@ def svg(results, width=560, height=360):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m minifastv.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_version_argument(parser)
     cli.add_model_arguments(parser)
     parser.add_argument("--task", help="pope (the default without --data)")
     parser.add_argument("--data", metavar="FOLDER", help="a local set: FOLDER/questions.jsonl")
     parser.add_argument("--limit", type=int, help="a sample of this many questions (default all)")
-    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the sample's seed, and the random rule's (default 0)")
     parser.add_argument("--settings", default="none,K2R0.5",
                         help="none, K<layer>R<share dropped>, ... (default %(default)s)")
     parser.add_argument("--rule", nargs="+", default=["fastv"],
@@ -455,12 +468,55 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=1, help="questions at once (default 1)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="(default 128)")
     parser.add_argument("--crop", action="store_true", help="center-crop (llava-hf), not pad")
+    cli.add_system_argument(parser, default="vicuna_v1")
     parser.add_argument("--answers", metavar="FILE",
-                        help="the answers file to write (default eval-<task>-<time>.jsonl)")
+                        help="the answers file to write (default eval-<task>-<time>.jsonl in the "
+                             "current folder)")
     parser.add_argument("--resume", metavar="FILE", help="continue the answers file FILE")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--svg", metavar="FILE", help="draw accuracy against R per rule")
     return parser.parse_args(argv)
+
+
+def check_numbers(args):
+    """--limit, --batch-size, --max-new-tokens and --seed in range, before anything is read."""
+    for option, value in (("--limit", 1 if args.limit is None else args.limit),
+                          ("--batch-size", args.batch_size),
+                          ("--max-new-tokens", args.max_new_tokens)):
+        cli.check_at_least(option, value)
+    if not 0 <= args.seed < 2**64:  # what torch.manual_seed takes
+        raise UsageError(f"--seed must be within [0, 2**64), got {args.seed}.")
+
+
+def check_files(args, task):
+    """The answers file, --json and --svg checked before anything slow (reading POPE, loading the
+    model): each can be written, and --resume can be read. Returns the answers file's path."""
+    if args.resume and args.answers:
+        raise UsageError("Give --answers FILE to start a run or --resume FILE to continue one, "
+                         "not both.")
+    if args.resume:
+        path = Path(args.resume)
+        if path.is_dir():
+            raise UsageError(f"--resume {path} is a folder: give the answers file to continue.")
+        if not path.is_file():
+            raise UsageError(f"--resume {path}: no such file.")
+        try:
+            open(path, "rb").close()
+        except OSError as error:
+            raise UsageError(f"--resume {path} cannot be read ({error.strerror}).") from None
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--resume {path} cannot be written, and the new answers are "
+                             "appended to it: make it writable, or copy it.")
+    else:
+        path = Path(args.answers or f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        if path.is_file():
+            raise UsageError(f"{path} exists: continue it with --resume {path}, or give another "
+                             "--answers file.")
+        cli.check_output(path, "--answers")
+    for option, output in (("--json", args.json), ("--svg", args.svg)):
+        if output:
+            cli.check_output(output, option)
+    return path
 
 
 def main(argv=None, out=None):
@@ -472,28 +528,18 @@ def main(argv=None, out=None):
                          "local set (other benchmarks: lmms-eval).")
     if args.task and args.data:
         raise UsageError("Give --task pope or --data FOLDER, not both.")
-    for option, value in (("--limit", 1 if args.limit is None else args.limit),
-                          ("--batch-size", args.batch_size),
-                          ("--max-new-tokens", args.max_new_tokens)):
-        cli.check_at_least(option, value)
+    check_numbers(args)
     runs = make_runs(parse_settings(args.settings), {name: load_rule(name) for name in args.rule})
-    answers_path = Path(args.resume or args.answers or
-                        f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-    if not args.resume and answers_path.exists():
-        raise UsageError(f"{answers_path} exists: continue it with --resume {answers_path}, or "
-                         "give another --answers file.")
-    for option, path in (("--answers", answers_path), ("--json", args.json), ("--svg", args.svg)):
-        path = path and Path(path).resolve()  # checked now, not after an hour of answers
-        if path and (path.is_dir() or not os.access(path if path.exists() else path.parent,
-                                                      os.W_OK)):
-            raise UsageError(f"{option} {path} cannot be written: give a file in a folder that "
-                             "exists and is yours.")
+    answers_path = check_files(args, task)
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
+    template = prompt_template(args.system)
 
     questions = read_pope() if task == "pope" else read_local_set(args.data)
     questions = sample(questions, args.limit, args.seed)
     if task == "pope":
+        print(f"reading the images of {len(questions)} questions from POPE's files",
+              file=sys.stderr, flush=True)
         add_pope_images(questions)
     else:
         for path in dict.fromkeys(q.image for q in questions):
@@ -501,8 +547,9 @@ def main(argv=None, out=None):
     ids = hashlib.sha1("\n".join(q.id for q in questions).encode()).hexdigest()[:12]
     header = {"minifastv_eval": 1, "model": args.model, "limit": args.limit, "seed": args.seed,
               "task": "pope" if task == "pope" else str(Path(args.data).resolve()),
-              "prompt": PROMPT, "decoding": "greedy", "max_new_tokens": args.max_new_tokens,
-              "image": "crop" if args.crop else "pad", "dtype": str(dtype).removeprefix("torch."),
+              "system": args.system, "prompt": template, "decoding": "greedy",
+              "max_new_tokens": args.max_new_tokens, "image": "crop" if args.crop else "pad",
+              "dtype": str(dtype).removeprefix("torch."),
               "sample": f"{len(questions)} questions, ids sha1 {ids}",
               "settings": args.settings, "rules": args.rule}
     done = read_answers(answers_path, header) if args.resume else {}
@@ -515,7 +562,7 @@ def main(argv=None, out=None):
             raise UsageError(f"Setting {run.name.split()[0]} does not fit this model: K must be "
                              f"below its {layers} layers and R keep one of {image_tokens} image "
                              "tokens.")
-    longest = max(len(tokenizer.encode(PROMPT.format(question=q.question))) for q in questions)
+    longest = max(len(tokenizer.encode(template.format(question=q.question))) for q in questions)
     if longest - 1 + image_tokens + args.max_new_tokens > config.text.max_position_embeddings:
         raise UsageError("A question is too long: with its image tokens and --max-new-tokens it "
                          f"passes the model's {config.text.max_position_embeddings}-token context.")
@@ -523,13 +570,16 @@ def main(argv=None, out=None):
     with open(answers_path, "a", encoding="utf-8") as answers_file:
         if not args.resume:
             answers_file.write(json.dumps(header) + "\n")
-        print(f"answers go to {answers_path}", file=sys.stderr, flush=True)
+        # Ctrl-C keeps every answer written so far: say now how to go on
+        print(f"answers go to {answers_path} (after Ctrl-C, --resume {answers_path} goes on)",
+              file=sys.stderr, flush=True)
         answer_all(model, tokenizer, ImageProcessorConfig.from_folder(folder), task, questions,
                    runs, done, answers_file, args)
 
     results = results_of(task, questions, runs, done)
     print(f"{'POPE' if task == 'pope' else args.data}: {len(questions)} questions, LLaVA-1.5's "
-          f"protocol (greedy, at most {args.max_new_tokens} new tokens), {args.model}", file=out)
+          f"protocol (greedy, at most {args.max_new_tokens} new tokens, system prompt "
+          f"{args.system}), {args.model}", file=out)
     print(table(task, results), file=out)
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))

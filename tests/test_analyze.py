@@ -161,8 +161,75 @@ def test_pruned_patches_are_dimmed_and_kept_ones_untouched(model):
                 assert brightness(panel, inside) < 0.35 * brightness(plain, inside) + 1
 
     figure = analyze.kept_patches_figure(model, ids, pixels, config, 2, 0.5)
-    assert figure.height == 70 + 84 + 10 and figure.width >= 4 * 94  # a column per rule, under a title
-    assert figure.crop((10, 70, 94, 154)).tobytes() == panel.tobytes()  # fastv_rule's panel comes first
+    assert figure.height == analyze.PANELS_TOP + 84 + 10 and figure.width >= 4 * 94  # a column per rule
+    top = analyze.PANELS_TOP
+    found = [x for x in range(figure.width - 84)
+             if figure.crop((x, top, x + 84, top + 84)).tobytes() == panel.tobytes()]
+    assert found and found[0] < figure.width / 4  # fastv_rule's panel comes first, after the row's label
+    assert figure.crop((0, top, found[0], top + 84)).convert("L").getextrema()[0] < 100  # the label: dark text
+
+
+def drawn_texts(monkeypatch):
+    """Every text Pillow draws from now on (multiline text line by line too)."""
+    from PIL import ImageDraw
+
+    texts, real = [], ImageDraw.ImageDraw.text
+
+    def text(self, xy, words, *args, **kwargs):
+        texts.append(words)
+        return real(self, xy, words, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    return texts
+
+
+def test_kept_patches_are_labelled_in_words(model, monkeypatch):
+    """Issue 19: a row label per image ("image 1", "image 2"), the rules' titles in words, not Python names."""
+    config = ImageProcessorConfig(shortest_edge=84, crop_height=84, crop_width=84)
+    ids = prompt_and_answer(2)[:, :-NUM_OUTPUT]
+    texts = drawn_texts(monkeypatch)
+    figure = analyze.kept_patches_figure(model, ids, random_pixels(2), config, 2, 0.5)
+    assert figure.height == analyze.PANELS_TOP + 2 * (84 + 10)
+    shown = "\n".join(texts)
+    assert "image 1" in texts and "image 2" in texts
+    assert "FastV K=2, R=0.5: the image tokens kept at layer 2" in shown and "video" not in shown
+    for title in ("FastV\n36 of 72 kept", "FastV without RoPE\n", "random\n", "uniform grid\n"):
+        assert title in shown, shown
+    assert "_rule" not in shown
+
+
+def test_a_videos_kept_patches_are_labelled_by_frame(tmp_path, monkeypatch):
+    """Issue 19: Video-LLaVA's picture says "video tokens" and labels its rows "frame 1" .. "frame 8"."""
+    from minifastv.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny-video", video=True)
+    video_model = minifastv.load(folder, device="cpu", dtype=torch.float32, progress=False)
+    config = video_model.config
+    ids = encode_prompt(Tokenizer.from_folder(folder), format_prompt("Describe this video.", num_images=0, num_videos=1),
+                        config.image_tokens_per_image, config.tokens_per_video)
+    size = config.vision.image_size
+    videos = torch.randn(1, config.num_frames, 3, size, size, generator=torch.Generator().manual_seed(0))
+    texts = drawn_texts(monkeypatch)
+    figure = analyze.kept_patches_figure(video_model, ids, None, ImageProcessorConfig.from_folder(folder), 2, 0.5,
+                                         rules=[M.fastv_rule], pixel_values_videos=videos)  # one rule: quicker
+    assert figure.height == analyze.PANELS_TOP + 8 * (size + 10)
+    assert [text for text in texts if text.startswith("frame")] == [f"frame {n}" for n in range(1, 9)]
+    assert any(text.startswith("FastV K=2, R=0.5: the video tokens kept") for text in texts), texts
+    assert not any("image" in text for text in texts), texts
+
+
+def test_picture_labels_and_rule_titles():
+    assert analyze.picture_labels(2, 0, 0) == ["image 1", "image 2"]
+    assert analyze.picture_labels(1, 1, 8) == ["image 1"] + [f"frame {n}" for n in range(1, 9)]
+    assert analyze.picture_labels(0, 2, 2) == ["video 1, frame 1", "video 1, frame 2", "video 2, frame 1",
+                                              "video 2, frame 2"]
+    assert [analyze.rule_title(rule) for rule in analyze.RULES] == ["FastV", "FastV without RoPE", "random",
+                                                                    "uniform grid"]
+
+    def row_balanced_rule(inputs):  # a rule of one's own: its name in words
+        return None
+
+    assert analyze.rule_title(row_balanced_rule) == "row balanced"
 
 
 def test_kept_image_tokens_are_the_top_of_transformers_last_row(model):
@@ -215,6 +282,11 @@ def test_cli_end_to_end(cli_checkpoint, tmp_path):
     out = tmp_path / "pictures"
     result = run_analyze("--model", str(cli_checkpoint), "--device", "cpu", "--max-new-tokens", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr
+    # the default layers, 0,1,2,15,31, fitted to the 4-layer model with a note; a line per slow stage
+    assert "note: this model has 4 decoder layers, so the heatmaps are of layers 0,1,2,3" in result.stderr
+    for stage in ("loading", "answering (at most 4 new tokens)", "measuring the attention of",
+                  "pruning with FastV K=2, R=0.5 under 4 rules"):
+        assert stage in result.stderr, result.stderr
     lines = result.stdout.splitlines()
     header = next(index for index, line in enumerate(lines) if line.startswith("layer"))
     assert all(name in lines[header] for name in analyze.CLASSES) and "efficiency" in lines[header]
@@ -225,7 +297,7 @@ def test_cli_end_to_end(cli_checkpoint, tmp_path):
     for name in sizes:
         assert f"wrote {out / name}" in result.stdout
         sizes[name] = Image.open(out / name).size
-    assert sizes["kept_patches.png"][1] == 70 + 84 + 10
+    assert sizes["kept_patches.png"][1] == analyze.PANELS_TOP + 84 + 10
     assert sizes["attention_allocation.png"][1] == 400
 
 
@@ -236,3 +308,98 @@ def test_cli_bad_input_is_one_sentence(cli_checkpoint, args, words):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(message) == 1 and all(word in message[0] for word in words), result.stderr
+
+
+def too_late(*args, **kwargs):
+    raise AssertionError("the model was opened or loaded before the bad input was noticed")
+
+
+def one_error_line(err):
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
+def analyze_cases(root):
+    """{name: (args, words the sentence must hold, whether the model's files may be read first)};
+    root/a-file.txt is a file."""
+    return {
+        "out under a file": (["--out", str(root / "a-file.txt" / "pictures")], ["--out", "a-file.txt", "is a file"],
+                             False),
+        "out is a file": (["--out", str(root / "a-file.txt")], ["--out", "a-file.txt", "is a file"], False),
+        "layer twice": (["--heatmap-layers", "100,3,3"], ["--heatmap-layers", "layer 3 more than once"], False),
+        "negative layer": (["--heatmap-layers", "0,-1"], ["--heatmap-layers", ">= 0"], False),
+        "no layer": (["--heatmap-layers", ","], ["--heatmap-layers"], False),
+        "layer past the model": (["--heatmap-layers", "0,100"], ["--heatmap-layers 100", "4 decoder layers", "0 to 3"],
+                                 True),
+        "last layer plus one": (["--heatmap-layers", "4"], ["--heatmap-layers 4", "4 decoder layers"], True),
+        "k zero": (["--k", "0"], ["--k", "at least 1"], False),
+        "k past the model": (["--k", "4"], ["--k", "between 1 and 3"], True),
+        "r one": (["--r", "1"], ["--r", "[0, 1)"], False),
+        "r not a number": (["--r", "nan"], ["--r", "[0, 1)"], False),
+        "no new tokens": (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"], False),
+        "new tokens past the context": (["--max-new-tokens", str(2**64)], ["--max-new-tokens", "context"], True),
+    }
+
+
+@pytest.mark.parametrize("case", list(analyze_cases(Path("root"))), ids=lambda case: case.replace(" ", "-"))
+def test_bad_input_is_one_sentence_before_the_load(case, cli_checkpoint, tmp_path, capsys, monkeypatch):
+    """Exit code 2 and one sentence naming the flag, before the model loads; the flags and --out before the
+    model's files are even opened (a download, for a hub model)."""
+    from minifastv import cli
+
+    (tmp_path / "a-file.txt").write_text("a file, not a folder")
+    args, words, reads_the_model = analyze_cases(tmp_path)[case]
+    monkeypatch.setattr(cli, "load_model", too_late)
+    if not reads_the_model:
+        monkeypatch.setattr(cli, "model_folder", too_late)
+    monkeypatch.chdir(tmp_path)  # the default --out would land here
+    code = analyze.command(["--model", str(cli_checkpoint), "--device", "cpu", *args])
+    error = one_error_line(capsys.readouterr().err)
+    assert code == 2 and all(word in error for word in words), error
+    assert not (tmp_path / "analysis").exists()  # made only when the pictures are written: no empty folder left
+
+
+def test_heatmap_layers_default_fits_the_model(capsys):
+    assert analyze.heatmap_layers(None, 32) == {0, 1, 2, 15, 31}  # LLaVA-1.5-7B: the default as it is
+    assert analyze.heatmap_layers(None, 40) == {0, 1, 2, 15, 31} and not capsys.readouterr().err
+    for layers, fitted in [(4, {0, 1, 2, 3}), (16, {0, 1, 2, 7, 15}), (2, {0, 1}), (1, {0})]:
+        assert analyze.heatmap_layers(None, layers) == fitted
+        note = capsys.readouterr().err
+        assert note.startswith("note: ") and f"{layers} decoder layers" in note and note.count("\n") == 1
+    assert analyze.heatmap_layers(analyze.parse_heatmap_layers("3, 0"), 4) == {0, 3}
+
+
+def test_system_prompt_changes_the_ids(cli_checkpoint, monkeypatch):
+    """--system none (the default), vicuna_v1, llava_v1: the prompt the model reads, token for token."""
+    from minifastv.prompt import SYSTEM_PROMPTS
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_answer(model, input_ids, *args, **kwargs):  # the prompt is all we want: stop there
+        seen.append(input_ids)
+        raise Stop
+
+    monkeypatch.setattr(analyze, "generate", first_answer)
+    tokenizer = Tokenizer.from_folder(cli_checkpoint)
+    for system in (None, "none", "vicuna_v1", "llava_v1"):
+        with pytest.raises(Stop):
+            analyze.main(["--model", str(cli_checkpoint), "--device", "cpu"] + ["--system", system] * bool(system))
+        text = format_prompt("Describe this image.", system=SYSTEM_PROMPTS.get(system))
+        assert torch.equal(seen[-1], encode_prompt(tokenizer, text, TOKENS_PER_IMAGE)), system
+    assert torch.equal(seen[0], seen[1])  # none is the default
+    assert len({tuple(ids[0].tolist()) for ids in seen}) == 3
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        analyze.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"minifastv {minifastv.__version__}"
+    with pytest.raises(SystemExit):
+        analyze.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("analysis/ in the current folder", "--system", "--heatmap-layers", "--version"):
+        assert words in text, words

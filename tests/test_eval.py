@@ -193,6 +193,8 @@ def test_sample_is_fixed_and_balanced():
 def test_answers_equal_generate_one_question_at_a_time(reference, local_set, tiny):
     header, answers = read_jsonl(reference[0]["answers.jsonl"])
     assert header["model"] == "tiny" and header["decoding"] == "greedy" and header["max_new_tokens"] == NEW_TOKENS
+    assert header["system"] == "vicuna_v1" and header["prompt"].startswith(SYSTEM_PROMPTS["vicuna_v1"] + " USER:")
+    assert json.loads(reference[0]["figures.json"].read_text())["header"]["system"] == "vicuna_v1"
     assert len(answers) == 3 * len(LOCAL_SET)
     for identifier, image, question, *_ in LOCAL_SET:
         path = local_set / image
@@ -273,7 +275,8 @@ def test_a_resume_file_of_another_run_is_refused(reference, local_set, tmp_path,
     monkeypatch.setattr(cli, "load_model", too_late)
     args = REFERENCE_ARGS + ["--data", str(local_set), "--resume", str(answers_file)]
     for change, word in [(["--max-new-tokens", "4"], "max_new_tokens"), (["--seed", "1"], "seed"),
-                         (["--limit", "3"], "limit"), (["--crop"], "image"),
+                         (["--limit", "3"], "limit"), (["--crop"], "image"), (["--system", "none"], "system"),
+                         (["--system", "llava_v1"], "system"),
                          (["--model", "llava-hf/llava-1.5-7b-hf"], "model")]:
         assert evaluation.command(args + change) == 2
         assert word in one_error_line(capsys.readouterr().err)
@@ -401,8 +404,21 @@ def bad_cases(root, local_set):
         "resume file missing": ([*data, "--resume", str(root / "nope.jsonl")], ["nope.jsonl", "no such file"]),
         "resume file of something else": ([*data, "--resume", str(root / "syntax.py")], ["not an answers file"]),
         "answers file exists": ([*data, "--answers", str(root / "fine.py")], ["exists", "--resume"]),
-        "json in a missing folder": ([*data, "--json", str(root / "nope" / "out.json")], ["--json", "cannot be written"]),
+        "json under a file": ([*data, "--json", str(root / "fine.py" / "out.json")], ["--json", "cannot be written"]),
         "svg is a folder": ([*data, "--svg", str(root / "folder")], ["--svg", "cannot be written"]),
+        "svg under a file": ([*data, "--svg", str(root / "fine.py" / "x" / "a.svg")], ["--svg", "fine.py"]),
+        "answers under a file": ([*data, "--answers", str(root / "fine.py" / "a.jsonl")], ["--answers", "fine.py"]),
+        "answers is a folder": ([*data, "--answers", str(root / "folder")], ["--answers", "is a folder"]),
+        "resume is a folder": ([*data, "--resume", str(root / "folder")], ["--resume", "is a folder"]),
+        "resume and answers": ([*data, "--resume", str(root / "fine.py"), "--answers", str(root / "new.jsonl")],
+                               ["--answers", "--resume", "not both"]),
+        "json under a file, before POPE is read": (["--limit", "3", "--json", str(root / "fine.py" / "f.json")],
+                                                   ["--json", "fine.py"]),
+        "resume missing, before POPE is read": (["--resume", str(root / "nope.jsonl")], ["--resume", "no such file"]),
+        "no new tokens": ([*data, "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+        "new tokens past the context": ([*data, "--max-new-tokens", str(2**64)], ["--max-new-tokens", "context"]),
+        "seed negative": ([*data, "--seed", "-1"], ["--seed", "[0, 2**64)", "-1"]),
+        "seed too large": ([*data, "--seed", str(2**64)], ["--seed", "[0, 2**64)"]),
         "pyarrow missing": (["--limit", "3"], ["pip install pyarrow"]),
         "hub unreachable": (["--limit", "3"], ["POPE could not be downloaded", "--data"]),
     }
@@ -413,11 +429,14 @@ BAD_CASES = ["unknown task", "task and data", "limit zero", "limit negative", "b
              "repeated id", "missing image", "unreadable image", "unknown setting", "another unknown setting",
              "r out of range", "k zero", "k too large for the model", "unknown rule", "rule file missing",
              "rule file that does not import", "rule function missing", "resume file missing",
-             "resume file of something else", "answers file exists", "json in a missing folder", "svg is a folder",
+             "resume file of something else", "answers file exists", "json under a file", "svg is a folder",
+             "svg under a file", "answers under a file", "answers is a folder", "resume is a folder",
+             "resume and answers", "json under a file, before POPE is read", "resume missing, before POPE is read",
+             "no new tokens", "new tokens past the context", "seed negative", "seed too large",
              "pyarrow missing", "hub unreachable"]
 
 
-@pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.replace(" ", "-"))
+@pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.replace(" ", "-").replace(",", ""))
 def test_bad_input_is_one_sentence_and_exit_code_2(case, local_set, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
@@ -459,3 +478,60 @@ def test_help_states_the_protocol(capsys):
     for words in ("greedy", "A chat between a curious user", "Answer the question using a single word or phrase.",
                   "Wilson score interval", "eval_pope", "pip install pyarrow", "--resume"):
         assert words in text, words
+    assert "--system" in text and "vicuna_v1" in text and "records which" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluation.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"minifastv {minifastv.__version__}"
+
+
+def test_system_prompt_changes_the_ids(local_set, tiny, tmp_path, monkeypatch):
+    """--system vicuna_v1 (the default), none, llava_v1: the prompt the model reads, token for token."""
+    model, tokenizer, _ = tiny
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_batch(model, tokenizer, prompts, *args):  # the prompts are all we want: stop there
+        seen.append(prompts[0])
+        raise Stop
+
+    monkeypatch.setattr(evaluation, "answer_batch", first_batch)
+    question = evaluation.sample(evaluation.read_local_set(local_set), 1, seed=0)[0].question  # the one asked
+    for number, system in enumerate((None, "vicuna_v1", "none", "llava_v1")):
+        args = ["--model", "tiny", "--device", "cpu", "--data", str(local_set), "--limit", "1", "--settings", "none",
+                "--answers", str(tmp_path / f"{number}.jsonl")] + ["--system", system] * bool(system)
+        with pytest.raises(Stop):
+            evaluation.main(args, out=io.StringIO())
+        text = format_prompt(question + "\nAnswer the question using a single word or phrase.",
+                             system=SYSTEM_PROMPTS.get(system or "vicuna_v1"))
+        assert torch.equal(seen[-1], encode_prompt(tokenizer, text, model.config.image_tokens_per_image)), system
+        assert read_jsonl(tmp_path / f"{number}.jsonl")[0]["system"] == (system or "vicuna_v1")
+    assert torch.equal(seen[0], seen[1])  # vicuna_v1 is the default
+    assert len({tuple(ids[0].tolist()) for ids in seen}) == 3
+
+
+def test_ctrl_c_keeps_the_answers_and_exits_130(reference, local_set, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second batch: exit code 130, one line, and the first batch's answers kept for --resume."""
+    answers_file = tmp_path / "answers.jsonl"
+    real, calls = evaluation.answer_batch, []
+
+    def ctrl_c_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:  # none, K2R0.5 fastv, K2R0.5 random: one batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "answer_batch", ctrl_c_in_the_second_batch)
+    code = evaluation.command(REFERENCE_ARGS + ["--data", str(local_set), "--answers", str(answers_file)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.rstrip("\n").endswith("\ninterrupted (Ctrl-C)") and "Traceback" not in err, err
+    assert f"--resume {answers_file}" in err  # said before the answers began
+    header, answers = read_jsonl(answers_file)
+    _, everything = read_jsonl(reference[0]["answers.jsonl"])
+    assert header["system"] == "vicuna_v1" and len(answers) == 3 and len({i for _, i in answers}) == 1
+    assert all(everything[key] == answer for key, answer in answers.items())
