@@ -880,6 +880,7 @@ def parse_args(argv):
     parser.add_argument("--bench", default=str(BENCH_JSON),
                         help="the bench's JSON for flops_and_time.svg (default: "
                              "minifastv/assets/figures/bench-cpu.json)")
+    cli.add_version_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -887,11 +888,7 @@ def main(argv=None):
     args = parse_args(argv)
     # first: a bad --bench is refused before anything is written
     flops_and_time = flops_and_time_svg(args.bench)
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out {args.out} cannot be a folder for the figures "
-                         f"({error.strerror}).") from None
+    cli.check_output(args.out, "--out", folder=True)
     figures = {"architecture.svg": architecture_svg(), "patch_grid.svg": patch_grid_svg(),
                "pruning_sequence.svg": pruning_sequence_svg(),
                "causal_votes.svg": causal_votes_svg(), "cache_slots.svg": cache_slots_svg(),

@@ -185,3 +185,15 @@ def test_the_installed_package_runs_from_another_folder(installed, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "576 -> 288" in result.stdout  # the cat shipped in the package
     assert (home / ".cache" / "minifastv" / "tiny" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module", ["minifastv.__main__", "minifastv.analyze", "minifastv.bench",
+                                    "minifastv.eval", "minifastv.flops.__main__",
+                                    "minifastv.figures"])
+def test_every_command_says_its_version(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minifastv {minifastv.__version__}"
