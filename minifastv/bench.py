@@ -1,8 +1,6 @@
 """Benchmark FastV on the machine at hand: python -m minifastv.bench
 
-For K=2 and R = 0, 0.25, 0.5, 0.75 against no FastV, each number the median of --repeats runs taken
-in turns (so that drift hits every setting alike, after a warm-up round), the device synchronized
-around each run:
+For K=2 and R = 0, 0.25, 0.5, 0.75 against no FastV, the device synchronized around each run:
 - the prefill of one prompt (one image, or one video with --video), beside the speed-up its FLOPs
   predict (exact count), the KV cache it leaves and, on CUDA, the peak GPU memory; the same prefill
   for a batch of --batch prompts (default 8 on a GPU, none on the CPU);
@@ -14,14 +12,22 @@ around each run:
   bottleneck;
 - the same weights through transformers (SDPA): prefill time and decode speed.
 
+How it times: first every setting runs once, untimed, in every shape that will be timed (the first
+run of a shape pays for memory, kernel choices and, with --compile, compiling); then the settings
+take turns, one run each per round, every other round in reverse order, and each number is the
+median of a setting's --repeats runs. FastV at R=0 does what no FastV does plus the scoring, so
+it cannot be faster: when every no-FastV prefill was slower than every R=0 one, the bench says the
+timings are not to be trusted.
+
 The model: by default a random LLaVA-shaped one that fits a laptop (576 image tokens per image, a
 1024-wide 12-layer decoder, a small vision tower). `--model random-7b` or `random-13b` builds random
 weights (normal, std 0.02) in the real checkpoints' shapes directly on the device: a GPU benchmark
 without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time
-the load). `--json FILE` writes every number, for a script to read; its tables are keyed by
-setting ("no_fastv", "K2_R0.5": cli.setting_name). `--compile` times the compiled path
-(minifastv/compiled.py) after warm-up runs that compile it; run the bench with and without it to
-compare.
+the load). Progress goes to stderr as each measurement ends, the tables to stdout at the end.
+`--json FILE` writes every number, for a script to read; its tables are keyed by setting
+("no_fastv", "K2_R0.5": cli.setting_name). `--compile` times the compiled path
+(minifastv/compiled.py) after the warm-up runs, which compile it; run the bench with and without it
+to compare.
 """
 
 import argparse
@@ -47,7 +53,10 @@ from .model import FastV, Llava, LlavaConfig, TextConfig, VisionConfig, attentio
 RANDOM_MODELS = {"random-7b": "llava-1.5-7b", "random-13b": "llava-1.5-13b",
                  "random-video-7b": "video-llava-7b"}
 RS = (0.0, 0.25, 0.5, 0.75)  # the shares of image tokens dropped, each timed against no FastV
+DEFAULT_K = 2
 NEW_TOKENS = 16  # tokens generated to time the decode
+BASELINE_WARNING = ("no FastV measured slower than FastV at R=0, which does more work: the timings "
+                    "are noise or a warm-up effect; rerun")
 
 
 def random_model(config, device, dtype, std=0.02, seed=0):
@@ -64,10 +73,10 @@ def random_model(config, device, dtype, std=0.02, seed=0):
     return model.eval().requires_grad_(False)
 
 
-def random_llava(device, dtype, layers=12, width=1024, video=False):
-    """A LLaVA-shaped model with random weights: real image geometry, smaller widths. video=True:
-    Video-LLaVA's shape (224 px, two towers, 8 frames of 257 tokens)."""
-    config = LlavaConfig(
+def random_config(layers=12, width=1024, video=False):
+    """The bench's default model: LLaVA's image geometry, smaller widths. video=True: Video-LLaVA's
+    shape (224 px, two towers, 8 frames of 257 tokens)."""
+    return LlavaConfig(
         text=TextConfig(vocab_size=32064, hidden_size=width, intermediate_size=width * 11 // 4,
                         num_hidden_layers=layers, num_attention_heads=max(1, width // 128),
                         max_position_embeddings=4096, rms_norm_eps=1e-5),
@@ -75,7 +84,11 @@ def random_llava(device, dtype, layers=12, width=1024, video=False):
                             num_attention_heads=4, image_size=224 if video else 336, patch_size=14),
         video_token_id=32001 if video else None, pad_token_id=32002 if video else 32001,
     )
-    return random_model(config, device, dtype)
+
+
+def random_llava(device, dtype, layers=12, width=1024, video=False):
+    """A LLaVA-shaped model with random weights in random_config's shape."""
+    return random_model(random_config(layers, width, video), device, dtype)
 
 
 def benchmark_prompt(config, num_text_tokens=40, video=False):
@@ -117,24 +130,73 @@ def timed(device, function):
     return time.perf_counter() - started
 
 
+def progress(text):
+    """One line on stderr as the bench goes; the tables come on stdout at the end."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def label(name):
+    """A setting's key as people read it: "no FastV", "K=2 R=0.50"."""
+    k, r = cli.setting_of(name)
+    return "no FastV" if k is None else f"K={k} R={r:.2f}"
+
+
+def in_turns(names, repeats):
+    """The order of the timed runs: `repeats` rounds with every setting once, every other round
+    in reverse. Each setting's average place in a pair of rounds is the same, so a slow drift
+    (heat, clocks, other jobs) hits all alike, and no setting always runs first or always right
+    after the same one."""
+    names = list(names)
+    for round_number in range(repeats):
+        yield from reversed(names) if round_number % 2 else names
+
+
+def medians(runs):
+    """{setting: median} of {setting: [one value per run]}."""
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+@torch.inference_mode()
+def warm_up(model, prompts, decode_settings):
+    """Every run the bench will time, once and untimed, before any is timed, eager and compiled
+    alike: the first run of a shape pays for memory, kernel choices (and compiling), which no
+    setting's timing may carry. prompts: [(ids, visual, settings)], the prefills to time (one
+    prompt, then the batch); decode_settings: those whose generations are timed."""
+    progress("warming up: every setting once, untimed, in the shapes that will be timed")
+    for ids, visual, settings in prompts:
+        for fastv in settings.values():
+            model(ids, **visual, cache=model.new_cache(ids, fastv), fastv=fastv,
+                  last_logits_only=True)
+    ids, visual, _ = prompts[0]
+    for fastv in decode_settings.values():
+        for n in (1, NEW_TOKENS):
+            generate(model, ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
+
+
 @torch.inference_mode()
 def time_prefills(model, ids, visual, settings, repeats):
-    """Median prefill seconds per setting, and the KV-cache bytes it leaves; the settings take turns
-    so that drift hits all alike, after a warm-up round."""
-    times = {name: [] for name in settings}
+    """Prefill seconds per setting, one per run in the order taken, and the KV-cache bytes each
+    setting leaves; the settings take turns (in_turns). warm_up first."""
+    runs = {name: [] for name in settings}
     caches = {}
-    for round_number in range(repeats + 1):
-        for name, fastv in settings.items():
-            cache = model.new_cache(ids, fastv)  # made before the clock starts
+    for name in in_turns(settings, repeats):
+        fastv = settings[name]
+        cache = model.new_cache(ids, fastv)  # made before the clock starts
 
-            def prefill():
-                model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
+        def prefill():
+            model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
 
-            seconds = timed(model.device, prefill)
-            if round_number:
-                times[name].append(seconds)
-            caches[name] = cache.nbytes()
-    return {name: statistics.median(values) for name, values in times.items()}, caches
+        runs[name].append(timed(model.device, prefill))
+        caches[name] = cache.nbytes()
+    return runs, caches
+
+
+def baseline_check(runs, k):
+    """BASELINE_WARNING when no FastV was slower than FastV(k, 0) beyond the measured spread (its
+    fastest run slower than R=0's slowest): R=0 does the same work plus the scoring, so that can
+    only be noise, a warm-up effect, or a bug that makes the two paths differ. Else None."""
+    plain, r0 = runs[cli.setting_name(None)], runs[cli.setting_name(FastV(k, 0.0))]
+    return BASELINE_WARNING if min(plain) > max(r0) else None
 
 
 @torch.inference_mode()
@@ -179,9 +241,10 @@ def scoring_step(model, ids, visual, k, r=0.5):
 
 @torch.inference_mode()
 def time_scoring(model, ids, visual, k, repeats=50):
-    """Median seconds of FastV's scoring step alone (scoring_step)."""
+    """Median seconds of FastV's scoring step alone (scoring_step), after one untimed run."""
     score = scoring_step(model, ids, visual, k)
-    return statistics.median(timed(model.device, score) for _ in range(repeats + 1))
+    score()
+    return statistics.median(timed(model.device, score) for _ in range(repeats))
 
 
 def decode_speed(device, generate_tokens):
@@ -195,25 +258,23 @@ def decode_speed(device, generate_tokens):
 
 @torch.inference_mode()
 def decode_speeds(model, ids, visual, settings, repeats):
-    """Median decode tokens/s per setting, greedy, the settings taking turns after a warm-up
-    round."""
-    speeds = {name: [] for name in settings}
-    for round_number in range(repeats + 1):
-        for name, fastv in settings.items():
-            def generate_tokens(n):
-                return generate(model, ids, **visual, max_new_tokens=n, fastv=fastv,
-                                eos_token_id=-1)
+    """Decode tokens/s per setting, greedy, one per run, the settings taking turns (in_turns).
+    warm_up first."""
+    runs = {name: [] for name in settings}
+    for name in in_turns(settings, repeats):
+        fastv = settings[name]
 
-            # A compiled model hands back the KV-cache buffers of its last two cache shapes
-            # (compiled.reusing_caches); a generation with another shape allocates a new cache and,
-            # on a GPU, records new CUDA graphs for its addresses. The settings take turns, so the
-            # timed pair must not be the first of this setting's shape: an untimed generation of
-            # the same setting brings its cache back first. (Eager, every generation allocates.)
-            generate_tokens(1)
-            speed = decode_speed(model.device, generate_tokens)
-            if round_number:
-                speeds[name].append(speed)
-    return {name: statistics.median(values) for name, values in speeds.items()}
+        def generate_tokens(n):
+            return generate(model, ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
+
+        # A compiled model hands back the KV-cache buffers of its last two cache shapes
+        # (compiled.reusing_caches); a generation with another shape allocates a new cache and,
+        # on a GPU, records new CUDA graphs for its addresses. The settings take turns, so the
+        # timed pair must not be the first of this setting's shape: an untimed generation of
+        # the same setting brings its cache back first. (Eager, every generation allocates.)
+        generate_tokens(1)
+        runs[name].append(decode_speed(model.device, generate_tokens))
+    return runs
 
 
 def device_busy(device, run):
@@ -322,7 +383,7 @@ def compare_with_transformers(model, twin, ids, visual, repeats):
                              do_sample=False)
 
     prefills, decodes = [], []
-    for round_number in range(repeats + 1):
+    for round_number in range(repeats + 1):  # round 0 warms transformers up: not counted
         prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
         decode = decode_speed(device, generate_tokens)
         if round_number:
@@ -340,20 +401,20 @@ def parse_args(argv):
                                         "repo id, or 'tiny' (default: a small random LLaVA-shaped "
                                         "model)")
     cli.add_device_arguments(parser)
-    parser.add_argument("--k", type=int, default=2, help="FastV's K (default 2)")
+    parser.add_argument("--k", type=int, help=f"FastV's K (default {DEFAULT_K})")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs per setting, the median is shown (default 5)")
     parser.add_argument("--text-tokens", type=int, default=40,
                         help="text tokens around the image (default 40)")
     parser.add_argument("--batch", type=int, help="also time a batch of this many prompts "
-                                                  "(default 8 on a GPU, none on the CPU)")
+                                                  "(default 8 on a GPU, none on the CPU; 0: none)")
     parser.add_argument("--video", action="store_true",
                         help="a video prompt (8 frames, 2,056 tokens) instead of an image: the "
                              "random model is then Video-LLaVA-shaped, and --model must be a "
                              "Video-LLaVA checkpoint")
-    parser.add_argument("--layers", type=int, default=12,
+    parser.add_argument("--layers", type=int,
                         help="decoder layers of the default random model (default 12)")
-    parser.add_argument("--width", type=int, default=1024,
+    parser.add_argument("--width", type=int,
                         help="decoder width of the default random model, a multiple of 64 "
                              "(default 1024)")
     parser.add_argument("--no-transformers", action="store_true",
@@ -362,46 +423,103 @@ def parse_args(argv):
                              "it loads a second copy)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     cli.add_compile_argument(parser)
-    return parser.parse_args(argv)
+    cli.add_version_argument(parser)
+    args = parser.parse_args(argv)
+    # Which of these were written: a message names a flag the user gave, never a default.
+    args.given = {flag for flag in ("k", "layers", "width") if getattr(args, flag) is not None}
+    for flag, default in (("k", DEFAULT_K), ("layers", 12), ("width", 1024)):
+        setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
+    return args
 
 
-def build_model(args, device, dtype):
-    """(model, checkpoint folder or None, load seconds or None), every argument checked first."""
-    if args.model is None or args.model in RANDOM_MODELS:
+def check_arguments(args):
+    """Every argument that can be checked without a model, each refused in one sentence that names
+    its flag."""
+    cli.check_fastv(args.k, 0.0)  # K >= 1
+    cli.check_at_least("--repeats", args.repeats)
+    cli.check_at_least("--text-tokens", args.text_tokens)
+    if args.batch is not None:
+        cli.check_at_least("--batch", args.batch, 0)
+    if args.batch == 1:
+        raise UsageError("--batch 1 is the one-prompt prefill the bench always times: give 2 or "
+                         "more, or 0 for none.")
+    if args.model is not None and args.given & {"layers", "width"}:
+        raise UsageError(f"--layers and --width size the default random model: leave them out "
+                         f"with --model {args.model}.")
+    cli.check_at_least("--layers", args.layers, 2)
+    if args.width < 64 or args.width % 64:
+        raise UsageError(f"--width must be a multiple of 64 from 64 up, got {args.width}.")
+
+
+def check_k(args, num_layers):
+    """FastV at --k fits the decoder: K from 1 to num_layers - 1. The message blames the flag the
+    user gave (--k, --layers or --model), not a default they never wrote."""
+    named = f"--model {args.model}"
+    if num_layers < 2:
+        raise UsageError(f"{named} has {num_layers} decoder layer: FastV prunes at a layer after "
+                         "the first, so it needs at least 2.")
+    if args.k < num_layers:
+        return
+    if "k" not in args.given:
         if args.model is None:
-            cli.check_at_least("--layers", args.layers, 2)
-            if args.width < 64 or args.width % 64:
-                raise UsageError(f"--width must be a multiple of 64, got {args.width}.")
-            cli.check_fastv(args.k, 0.0, args.layers)
-            model = random_llava(device, dtype, args.layers, args.width, args.video)
-            return model, None, None
+            raise UsageError(f"--layers must be above --k ({args.k}, its default), got "
+                             f"{num_layers}.")
+        raise UsageError(f"{named} has {num_layers} decoder layers, too few for --k {args.k} (its "
+                         f"default): give a smaller --k.")
+    if args.model is None:
+        where = f"--layers {num_layers}" if "layers" in args.given else (
+            f"the default --layers {num_layers}")
+    else:
+        where = f"{named} ({num_layers} layers)"
+    raise UsageError(f"--k must be between 1 and {num_layers - 1} for {where}, got {args.k}.")
+
+
+def model_config(args):
+    """(config, checkpoint folder or None) of the model --model names, read or made without
+    building the model, and every argument checked against it before the (slow) build or load."""
+    folder = None
+    if args.model is None:
+        config = random_config(args.layers, args.width, args.video)
+    elif args.model in RANDOM_MODELS:
         config = config_by_name(RANDOM_MODELS[args.model])
         if args.video != (config.video_token_id is not None):
             fix = ("random-video-7b with --video" if args.video
                    else "--video with random-video-7b")
             raise UsageError(f"--model {args.model} {'has no' if args.video else 'needs a'} video: "
                              f"use {fix}.")
-        cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
-        return random_model(config, device, dtype), None, None
-    folder = cli.model_folder(args.model)
-    config = read_config(folder)
-    cli.check_fastv(args.k, 0.0, config.text.num_hidden_layers)
-    if args.video and config.video_token_id is None:
-        raise UsageError(f"--video needs a Video-LLaVA checkpoint: the model in {folder} has no "
-                         "video tower.")
+    else:
+        folder = cli.model_folder(args.model)
+        config = read_config(folder)
+        if args.video and config.video_token_id is None:
+            raise UsageError(f"--video needs a Video-LLaVA checkpoint: the model in {folder} has "
+                             "no video tower.")
+    check_k(args, config.text.num_hidden_layers)
+    # benchmark_prompt's length: the text tokens (BOS among them) and one image's or video's
+    num_tokens = args.text_tokens + (
+        config.tokens_per_video if args.video else config.image_tokens_per_image)
+    context = config.text.max_position_embeddings
+    if num_tokens + NEW_TOKENS > context:
+        raise UsageError(f"--text-tokens {args.text_tokens} makes a {num_tokens}-token prompt, too "
+                         f"long for the model's context of {context} tokens with the "
+                         f"{NEW_TOKENS} tokens the decode timing adds.")
+    return config, folder
+
+
+def build_model(config, folder, device, dtype, video=False):
+    """(model, load seconds or None): random weights in config's shape, or the checkpoint in
+    folder, loaded."""
+    if folder is None:
+        return random_model(config, device, dtype), None
     started = time.perf_counter()
-    model = cli.load_model(folder, device, dtype, towers=("video",) if args.video else ("image",))
-    return model, folder, time.perf_counter() - started
+    model = cli.load_model(folder, device, dtype, towers=("video",) if video else ("image",))
+    return model, time.perf_counter() - started
 
 
 def measure(args, model, folder, load_seconds):
-    """Every number of the benchmark, as the JSON file holds them."""
+    """Every number of the benchmark, as the JSON file holds them; a line on stderr as each
+    measurement ends."""
     device, config = model.device, model.config
     ids, visual = benchmark_prompt(config, args.text_tokens, args.video)
-    context = config.text.max_position_embeddings
-    if ids.shape[1] + NEW_TOKENS > context:
-        raise UsageError(f"--text-tokens {args.text_tokens} makes a {ids.shape[1]}-token prompt, "
-                         f"too long for the model's context of {context} tokens.")
     num_tokens = ids.shape[1]
     num_image_tokens = config.tokens_per_video if args.video else config.image_tokens_per_image
     num_videos = int(args.video)
@@ -415,49 +533,66 @@ def measure(args, model, folder, load_seconds):
                                                       *cli.setting_of(name), num_videos)
                  for name in settings}
     batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
+    prompts = [(ids, visual, settings)]  # the prefills timed: one prompt, then the batch
+    if batch > 1:
+        prompts.append((*batched(ids, visual, batch), only(0.5, 0.75)))
+    decode_settings = only(0.5)
     compile_seconds = None
-    if args.compile:  # every shape the timings will use, run once: compiling happens here
+    if args.compile:  # the warm-up runs compile
         compile_seconds = cli.compile_and_warm_up(
-            model, lambda: warm_up(model, ids, visual, settings, batch))
-    seconds, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
+            model, lambda: warm_up(model, prompts, decode_settings))
+    else:
+        warm_up(model, prompts, decode_settings)
+
+    progress(f"timing the prefill: {len(settings)} settings in turns, {args.repeats} runs each")
+    runs, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
+    prefill_ms = {name: seconds * 1e3 for name, seconds in medians(runs).items()}
+    for name, ms in prefill_ms.items():
+        progress(f"prefill, {label(name)}: {ms:.1f} ms")
+    warning = baseline_check(runs, args.k)
+    scoring_ms = time_scoring(model, ids, visual, args.k) * 1e3
+    progress(f"FastV's scoring step alone: {scoring_ms:.2f} ms")
     model_name = args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped"
     results = {
         "model": model_name, "device": device_name(device),
         "dtype": str(model.dtype).removeprefix("torch."), "machine": machine_name(),
         "torch": torch.__version__, "compiled": args.compile, "compile_seconds": compile_seconds,
         "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
-        "prefill_ms": {name: value * 1e3 for name, value in seconds.items()},
+        "prefill_ms": prefill_ms,
+        # every timed run, in the order taken: the spread behind each median
+        "prefill_ms_runs": {name: [seconds * 1e3 for seconds in values]
+                            for name, values in runs.items()},
+        "warnings": [warning] if warning else [],
         "predicted_speedup": predicted, "kv_cache_bytes": cache_bytes,
         "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
-        "scoring_ms": time_scoring(model, ids, visual, args.k) * 1e3,
+        "scoring_ms": scoring_ms,
         f"prefill_ms_batch{batch}": None, "load_seconds": load_seconds, "transformers": None,
     }
     if batch > 1:
-        batch_ids, batch_visual = batched(ids, visual, batch)
-        batch_seconds, _ = time_prefills(model, batch_ids, batch_visual, only(0.5, 0.75),
-                                         args.repeats)
-        results[f"prefill_ms_batch{batch}"] = {name: value * 1e3
-                                               for name, value in batch_seconds.items()}
-    results["decode_tokens_per_s"] = decode_speeds(model, ids, visual, only(0.5), args.repeats)
+        batch_ids, batch_visual, batch_settings = prompts[1]
+        progress(f"timing the prefill of a batch of {batch}: {len(batch_settings)} settings in "
+                 f"turns, {args.repeats} runs each")
+        batch_runs, _ = time_prefills(model, batch_ids, batch_visual, batch_settings, args.repeats)
+        batch_ms = {name: seconds * 1e3 for name, seconds in medians(batch_runs).items()}
+        for name, ms in batch_ms.items():
+            progress(f"prefill of {batch}, {label(name)}: {ms:.1f} ms")
+        results[f"prefill_ms_batch{batch}"] = batch_ms
+    progress(f"timing the decode: {len(decode_settings)} settings in turns, {args.repeats} runs "
+             "each")
+    decode = medians(decode_speeds(model, ids, visual, decode_settings, args.repeats))
+    for name, speed in decode.items():
+        progress(f"decode, {label(name)}: {speed:.1f} tokens/s")
+    results["decode_tokens_per_s"] = decode
     results["decode_floor_tokens_per_s"] = copy_bandwidth(device) / decode_step_bytes(model)
-    results["device_busy_share"] = device_busy_shares(model, ids, visual, only(0.5))
+    results["device_busy_share"] = device_busy_shares(model, ids, visual, decode_settings)
     twin = None if args.no_transformers else transformers_twin(model, folder)
     if twin is not None:
-        results["transformers"] = compare_with_transformers(model, twin, ids, visual, args.repeats)
+        progress("timing transformers on the same weights, without FastV")
+        theirs = compare_with_transformers(model, twin, ids, visual, args.repeats)
+        progress(f"transformers: prefill {theirs['prefill_ms']:.1f} ms, decode "
+                 f"{theirs['decode_tokens_per_s']:.1f} tokens/s")
+        results["transformers"] = theirs
     return results
-
-
-@torch.inference_mode()
-def warm_up(model, ids, visual, settings, batch):
-    """One prefill per setting (and batch size), and the generations decode_speeds times."""
-    for fastv in settings.values():
-        model(ids, **visual, cache=model.new_cache(ids, fastv), fastv=fastv, last_logits_only=True)
-        if batch > 1:
-            batch_ids, batch_visual = batched(ids, visual, batch)
-            model(batch_ids, **batch_visual, cache=model.new_cache(batch_ids, fastv), fastv=fastv,
-                  last_logits_only=True)
-        for n in (1, NEW_TOKENS):
-            generate(model, ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
 
 
 def machine_name():
@@ -501,6 +636,8 @@ def report(results, args, config):
         print(f"{label:>9} {ms:>10.1f} {realized:>8.2f}x {1 / predicted:>11.3f} {predicted:>8.2f}x "
               f"{realized / predicted:>18.1%} {results['kv_cache_bytes'][name] / 2**20:>11.1f} "
               f"{peak:>12}")
+    for warning in results["warnings"]:
+        print(f"warning: {warning}")
     overhead = results["prefill_ms"][r0] / baseline - 1
     scoring = results["scoring_ms"]
     print(f"scoring overhead: FastV R=0 vs no FastV {overhead:+.1%} of the prefill (timing noise "
@@ -533,23 +670,21 @@ def report(results, args, config):
         return
     print(f"same weights through transformers (sdpa), unpruned: prefill {theirs['prefill_ms']:.1f} "
           f"ms, decode {theirs['decode_tokens_per_s']:.1f} tokens/s")
-    print(f"minifastv / transformers: prefill time {baseline / theirs['prefill_ms']:.2f} (target "
-          f"<= 1.00), decode speed {decode[no_fastv] / theirs['decode_tokens_per_s']:.2f}x")
+    print(f"minifastv / transformers: prefill time {baseline / theirs['prefill_ms']:.2f}, decode "
+          f"speed {decode[no_fastv] / theirs['decode_tokens_per_s']:.2f}x")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.check_fastv(args.k, 0.0)
-    cli.check_at_least("--repeats", args.repeats)
-    cli.check_at_least("--text-tokens", args.text_tokens)
-    if args.batch is not None:
-        cli.check_at_least("--batch", args.batch, 0)
-    if args.json and Path(args.json).is_dir():
-        raise UsageError(f"--json {args.json} is a folder: give a file name.")
+    check_arguments(args)
+    if args.json:  # before minutes of benchmark, not after
+        cli.check_output(args.json, "--json")
     device = cli.pick_device(args.device)
     if args.compile:
         cli.check_compile(device)
-    model, folder, load_seconds = build_model(args, device, cli.pick_dtype(args.dtype, device))
+    config, folder = model_config(args)
+    model, load_seconds = build_model(config, folder, device, cli.pick_dtype(args.dtype, device),
+                                      args.video)
     results = measure(args, model, folder, load_seconds)
     report(results, args, model.config)
     if args.json:
