@@ -6,6 +6,11 @@ For every image of the folder (sorted by name) the script generates an answer wi
 with FastV, prints both, and reports how far the two lists of answers agree. The loading, the loop
 and the printing are written; you write `agreement`.
 
+With a model already loaded (a notebook's: a second 7B does not fit on a T4), call the loop itself:
+
+    from homework.agreement import compare_on_folder
+    compare_on_folder(model, checkpoint_folder, "my-photos", prompt="Describe this image.", r=0.75)
+
 Check it:  python -m pytest homework/check_4_agreement.py
 """
 
@@ -80,39 +85,50 @@ def answer(model, tokenizer, input_ids, pixel_values, fastv, max_new_tokens):
     return tokenizer.decode(ids[0].tolist()).strip()
 
 
-def main(argv=None, out=None):
-    """Run the script; returns agreement's dict."""
+def compare_on_folder(model, checkpoint, images, prompt="Describe this image.", k=2, r=0.5,
+                      max_new_tokens=32, out=None):
+    """Answer every image of the folder `images` with and without FastV(k, r) on `model`, a
+    minifastv model already loaded; print both answers; return agreement's dict.
+
+    checkpoint: the model's folder, for its tokenizer and image settings (in the notebook,
+    question.folder). Greedy answers of at most max_new_tokens tokens; out: where to print
+    (default: sys.stdout).
+    """
     out = out or sys.stdout
-    args = parse_args(argv)
-    files = image_files(args.images)
-    folder = resolve_folder(args.model)
-    model = load(folder, device=args.device)
-    tokenizer = Tokenizer.from_folder(folder)
-    processor = ImageProcessorConfig.from_folder(folder)
-    input_ids = encode_prompt(
-        tokenizer, format_prompt(args.prompt), model.config.image_tokens_per_image
-    )
-    fastv = FastV(args.k, args.r)
+    files = image_files(images)
+    agreement(["probe"], ["probe"])  # an unfilled agreement stops here, before the slow part
+    tokenizer = Tokenizer.from_folder(checkpoint)
+    processor = ImageProcessorConfig.from_folder(checkpoint)
+    input_ids = encode_prompt(tokenizer, format_prompt(prompt), model.config.image_tokens_per_image)
+    fastv = FastV(k, r)
 
     answers_plain, answers_pruned = [], []
     for file in files:
         pixel_values = preprocess([load_image(file)], processor)
-        answers_plain.append(
-            answer(model, tokenizer, input_ids, pixel_values, None, args.max_new_tokens)
-        )
-        answers_pruned.append(
-            answer(model, tokenizer, input_ids, pixel_values, fastv, args.max_new_tokens)
-        )
+        for answers, setting in ((answers_plain, None), (answers_pruned, fastv)):
+            answers.append(
+                answer(model, tokenizer, input_ids, pixel_values, setting, max_new_tokens)
+            )
         same = "same" if answers_plain[-1] == answers_pruned[-1] else "different"
         print(f"{file.name}: {same}", file=out)
         print(f"  without FastV: {answers_plain[-1]}", file=out)
         print(f"  with FastV:    {answers_pruned[-1]}", file=out, flush=True)
 
     metrics = agreement(answers_plain, answers_pruned)
-    print(f"--- {len(files)} images, {args.prompt!r}, FastV K={args.k}, R={args.r} ---", file=out)
+    print(f"--- {len(files)} images, {prompt!r}, FastV K={k}, R={r} ---", file=out)
     for name, value in metrics.items():
         print(f"{name}: {value:.3f}", file=out)
     return metrics
+
+
+def main(argv=None, out=None):
+    """Run the script: load the model, then compare_on_folder; returns agreement's dict."""
+    args = parse_args(argv)
+    image_files(args.images)  # a folder without images fails now, not after the model loads
+    folder = resolve_folder(args.model)
+    model = load(folder, device=args.device)
+    return compare_on_folder(model, folder, args.images, args.prompt, args.k, args.r,
+                             args.max_new_tokens, out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 import minifastv.model as M
 
-from checking import exercise, tiny  # noqa: F401  (tiny: a pytest fixture)
+from checking import exercise, require, tiny  # noqa: F401  (tiny: a pytest fixture)
 
 pyramid_forward = exercise("pyramid.py", "pyramid_forward")
 
@@ -96,6 +96,17 @@ def sequence_lengths(model, run):
     return [lengths.get(index) for index in range(len(model.language_model.layers))]
 
 
+def same_logits_as(tiny, ids, pixels, logits, tolerance, alternatives):
+    """The first of `alternatives` ({description: FastV or None}) whose last-token logits equal
+    `logits` within `tolerance`: it names what a wrong pyramid did instead."""
+    for description, fastv in alternatives.items():
+        with torch.no_grad():
+            theirs = tiny.ours(ids, pixels, fastv=fastv, last_logits_only=True)[:, -1]
+        if theirs.shape == logits.shape and (theirs - logits).abs().max() < tolerance:
+            return description
+    return None
+
+
 @pytest.mark.parametrize("k, r, num_images, batch_size, seed", [
     (2, 0.5, 1, 1, 0), (1, 0.75, 2, 1, 1), (3, 0.25, 1, 2, 2),
     (1, 0.5, 1, 3, 3), (2, 0.75, 2, 2, 4), (3, 0.5, 2, 1, 5)])
@@ -104,13 +115,25 @@ def test_one_stage_is_fastv(tiny, k, r, num_images, batch_size, seed):
     logits = pyramid_forward(tiny.ours, ids, pixels, [(k, r)])
     with torch.no_grad():
         expected = tiny.ours(ids, pixels, fastv=M.FastV(k, r))[:, -1]
-    assert logits.shape == expected.shape, (
-        f"expected last-token logits {tuple(expected.shape)}, got {tuple(logits.shape)}"
-    )
+    require(logits.shape == expected.shape,
+            f"expected last-token logits of shape {tuple(expected.shape)} (batch, vocabulary), "
+            f"got {tuple(logits.shape)}")
     difference = (logits - expected).abs().max().item()
-    assert difference < 1e-5, (
-        f"max abs difference to model(..., fastv=FastV({k}, {r}))[:, -1]: {difference}"
-    )
+    if difference >= 1e-5:
+        layers = len(tiny.ours.language_model.layers)
+        instead = same_logits_as(tiny, ids, pixels, logits, 1e-5, {
+            "the model's without pruning: the stage removed nothing": None,
+            f"FastV's at K={k + 1}: the stage ranks one layer late, by layer K's attention "
+            f"instead of layer K-1's": M.FastV(k + 1, r) if k + 1 < layers else None,
+            f"FastV's at K={k - 1}: the stage ranks and prunes one layer early":
+                M.FastV(k - 1, r) if k > 1 else None,
+        })
+        hint = (f" They equal {instead}." if instead else
+                " Do the kept tokens keep their original positions, and does the stage rank"
+                " by the last token's attention in layer K-1, mean over heads after the softmax?")
+        pytest.fail(f"with one stage ({k}, {r}) your logits differ from FastV's, "
+                    f"model(..., fastv=FastV({k}, {r}))[:, -1], by up to {difference:.2g} "
+                    f"(allowed: 1e-5).{hint}", pytrace=False)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -119,13 +142,23 @@ def test_two_stages_match_reference(tiny, schedule, num_images, batch_size):
     ids, pixels = prompts(tiny, num_images, batch_size, seed=SCHEDULES.index(schedule))
     logits = pyramid_forward(tiny.ours, ids, pixels, schedule)
     expected = reference_pyramid(tiny, ids, pixels, schedule)
-    assert logits.shape == expected.shape, (
-        f"expected last-token logits {tuple(expected.shape)}, got {tuple(logits.shape)}"
-    )
+    require(logits.shape == expected.shape,
+            f"expected last-token logits of shape {tuple(expected.shape)} (batch, vocabulary), "
+            f"got {tuple(logits.shape)}")
     difference = (logits - expected).abs().max().item()
-    assert difference < 1e-4, (
-        f"schedule {schedule}: max abs difference to the two-stage reference: {difference}"
-    )
+    if difference >= 1e-4:
+        (k1, r1), (k2, r2) = schedule
+        instead = same_logits_as(tiny, ids, pixels, logits, 1e-4, {
+            f"the first stage's alone, FastV({k1}, {r1}): the second stage at layer {k2} "
+            f"changed nothing": M.FastV(k1, r1),
+            "the model's without pruning: neither stage removed anything": None,
+        })
+        hint = (f" They equal {instead}." if instead else
+                f" With one stage your function is right if test_one_stage_is_fastv passes: look"
+                f" at the second stage, which ranks the image tokens still there by layer"
+                f" {k2 - 1}'s attention on the shortened sequence.")
+        pytest.fail(f"schedule {schedule}: your logits differ from the two-stage reference by up "
+                    f"to {difference:.2g} (allowed: 1e-4).{hint}", pytrace=False)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -139,10 +172,17 @@ def test_image_tokens_left_after_each_stage(tiny, schedule):
             left = round(left * (1 - stages[index]))
         expected.append(left)
     lengths = sequence_lengths(tiny.ours, lambda: pyramid_forward(tiny.ours, ids, pixels, schedule))
-    got = [length - num_text if length is not None else None for length in lengths]
-    assert got == expected, (
-        f"schedule {schedule}: image tokens entering each layer: expected {expected}, got {got}"
-    )
+    require(None not in lengths, "a decoder layer never ran: run every layer of "
+            "model.language_model.layers, in order")
+    got = [length - num_text for length in lengths]
+    wrong = next((index for index in range(len(got)) if got[index] != expected[index]), None)
+    if wrong is not None:
+        before = expected[wrong - 1] if wrong else 2 * tiny.tokens_per_image
+        why = (f"the stage ({wrong}, {stages[wrong]}) keeps round({before} x "
+               f"(1 - {stages[wrong]})) of the {before} image tokens still there"
+               if wrong in stages else "no stage prunes there")
+        pytest.fail(f"schedule {schedule}: {got[wrong]} image tokens enter layer {wrong}, where "
+                    f"{expected[wrong]} should: {why}", pytrace=False)
 
 
 def test_pruning_twice_differs_from_once(tiny):
@@ -150,4 +190,6 @@ def test_pruning_twice_differs_from_once(tiny):
     ids, pixels = prompts(tiny)
     once = pyramid_forward(tiny.ours, ids, pixels, [(1, 0.5)])
     twice = pyramid_forward(tiny.ours, ids, pixels, [(1, 0.5), (2, 0.75)])
-    assert not torch.allclose(once, twice, atol=1e-4)
+    require(not torch.allclose(once, twice, atol=1e-4),
+            "pruning at (1, 0.5) and then at (2, 0.75) gives the logits of pruning at (1, 0.5) "
+            "alone: the second stage changes nothing")

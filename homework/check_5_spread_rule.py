@@ -10,7 +10,7 @@ import torch
 
 import minifastv.model as M
 
-from checking import exercise, tiny  # noqa: F401  (tiny: a pytest fixture)
+from checking import exercise, require, tiny  # noqa: F401  (tiny: a pytest fixture)
 
 row_balanced_rule = exercise("spread_rule.py", "row_balanced_rule")
 
@@ -43,6 +43,15 @@ def run(tiny, num_images, batch_size, r):
     return cache.kept_image_tokens, captured["scores"], captured["num_keep"]
 
 
+def patches(count):
+    return f"{count} patch" if count == 1 else f"{count} patches"
+
+
+def where(prompt, row, grid_size):
+    """'row 3 of image 2 (prompt 0)': rows counted over a prompt's images, from the top."""
+    return f"row {row % grid_size + 1} of image {row // grid_size + 1} (prompt {prompt})"
+
+
 def kept_grid(kept, num_image_tokens, grid_size):
     """(B, rows, grid_size) booleans: which patches were kept, row by row."""
     grid = torch.zeros(kept.shape[0], num_image_tokens, dtype=torch.bool)
@@ -56,10 +65,13 @@ def test_every_row_keeps_its_share(tiny, r, num_images, batch_size):
     grid = kept_grid(kept, scores.shape[1], tiny.grid_size)
     per_row = num_keep // grid.shape[1]
     counts = grid.sum(dim=-1)  # (B, rows)
-    assert kept.shape == (batch_size, num_keep)
-    assert bool((counts >= per_row).all()), (
-        f"rows keep {counts.tolist()} patches; each should keep at least {per_row}"
-    )
+    short = (counts < per_row).nonzero()
+    if len(short):
+        prompt, row = short[0].tolist()
+        pytest.fail(f"R={r}: {where(prompt, row, tiny.grid_size)} keeps "
+                    f"{patches(int(counts[prompt, row]))}; with {num_keep} to keep over "
+                    f"{counts.shape[1]} rows, every row should keep at least {per_row}",
+                    pytrace=False)
 
 
 @pytest.mark.parametrize("r, num_images, batch_size", CASES)
@@ -69,9 +81,12 @@ def test_each_row_keeps_its_best_patches(tiny, r, num_images, batch_size):
     by_row = scores.view(grid.shape)
     worst_kept = by_row.masked_fill(~grid, float("inf")).min(dim=-1).values  # (B, rows)
     best_dropped = by_row.masked_fill(grid, float("-inf")).max(dim=-1).values
-    assert bool((worst_kept >= best_dropped).all()), (
-        "a row kept a patch and dropped a better one of the same row"
-    )
+    worse = (worst_kept < best_dropped).nonzero()
+    if len(worse):
+        prompt, row = worse[0].tolist()
+        pytest.fail(f"R={r}: {where(prompt, row, tiny.grid_size)} keeps a patch and drops a "
+                    f"better-scored one of the same row (on {len(worse)} rows in all): a row "
+                    f"keeps its best patches", pytrace=False)
 
 
 @pytest.mark.parametrize("r, num_images, batch_size", CASES)
@@ -83,14 +98,18 @@ def test_extra_patches_are_the_best_of_the_rest(tiny, r, num_images, batch_size)
     # Each row's per_row best are guaranteed; the others kept are the extras.
     rank_in_row = by_row.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the row's best
     extra = grid & (rank_in_row >= per_row)
-    assert int(extra.sum()) == kept.numel() - per_row * grid.shape[0] * grid.shape[1]
+    short = int((grid.sum(dim=-1) < per_row).sum())
+    require(not short, f"R={r}: {short} rows keep fewer than their share of {patches(per_row)} "
+                       f"(see test_every_row_keeps_its_share), so there are no extras to check")
     for prompt in range(batch_size):
         if extra[prompt].any() and not grid[prompt].all():
             worst_extra, best_dropped = (by_row[prompt][extra[prompt]].min(),
                                          by_row[prompt][~grid[prompt]].max())
-            assert worst_extra >= best_dropped, (
-                "an extra patch was kept while a better one (beyond its row's share) was dropped"
-            )
+            require(worst_extra >= best_dropped,
+                    f"R={r}, prompt {prompt}: one of the {int(extra[prompt].sum())} extra "
+                    f"patches (kept beyond its row's share of {per_row}) scores lower than a "
+                    f"patch you drop: the extras are the best-scored patches left over, wherever "
+                    f"they are")
 
 
 def test_spreads_more_than_fastv(tiny):
@@ -102,5 +121,10 @@ def test_spreads_more_than_fastv(tiny):
     fastv_counts = kept_grid(fastv, scores.shape[1], tiny.grid_size).sum(-1)
     # the premise of the exercise holds on this model
     assert int(fastv_counts.min()) < num_keep // rows
-    assert (kept_grid(kept, scores.shape[1], tiny.grid_size).sum(-1).tolist()
-            == [[num_keep // rows] * rows])
+    counts = kept_grid(kept, scores.shape[1], tiny.grid_size).sum(-1)[0]
+    uneven = (counts != num_keep // rows).nonzero()[:, 0].tolist()
+    if uneven:
+        pytest.fail(f"FastV's own choice here leaves row {int(fastv_counts.argmin()) + 1} with "
+                    f"{patches(int(fastv_counts.min()))}; yours keeps {int(counts[uneven[0]])} in "
+                    f"row {uneven[0] + 1}, where every row should keep {num_keep // rows} "
+                    f"({num_keep} over {rows} rows, none left over)", pytrace=False)

@@ -11,9 +11,11 @@
 - The fixtures `tiny` and `tiny_checkpoint`: tiny random models, built in a second or two with the
   helpers of tests/conftest.py. transformers' LlavaForConditionalGeneration with eager attention
   gives the reference attention weights; minifastv's Llava is loaded from the same weights.
-- `pruning_inputs` (what FastV hands a rule at layer K), `ask_rule` and `top_k_mistake` (is a
-  choice a top-k of some scores?), for the checks of the pruning rules; `once`, to compute a
-  check's reference cases once.
+- `other_tiny`: a second tiny model with other weights, whose LLaVA reads CLIP's last layer.
+- `pruning_inputs` (what FastV hands a rule at layer K), `ask_rule` and `choice_mistake` (is a
+  choice a top-k of some scores? If not, how does it differ, in words), for the checks of the
+  pruning rules; `once`, to compute a check's reference cases once; `require`, to fail a check
+  with a sentence alone.
 """
 
 import dataclasses
@@ -85,9 +87,10 @@ class TinyModels(SimpleNamespace):
         return "<the tiny models and prompts of homework/checking.py>"
 
 
-def build_tiny(folder):
+def build_tiny(folder, seed=0, vision_feature_layer=None):
     """The tiny models and prompts every check uses (the `tiny` fixture; its folder receives the
-    weights).
+    weights). seed: the weights'; vision_feature_layer: the CLIP hidden state LLaVA reads
+    (default -2, the second to last).
 
     tiny.ours: minifastv's Llava (4 decoder layers, 4 heads, 3 CLIP layers) in float32.
     tiny.hf: transformers' model with the same weights and eager attention (it can return attention
@@ -99,8 +102,10 @@ def build_tiny(folder):
       each image and after the last one (all prompts of one length when pad=False): the many cases
       a check loops over.
     """
-    hf = test_helpers.tiny_hf_model(seed=0)
+    hf = test_helpers.tiny_hf_model(seed=seed)
     hf.set_attn_implementation("eager")
+    if vision_feature_layer is not None:
+        hf.config.vision_feature_layer = vision_feature_layer
     ours = minifastv.load(test_helpers.save_hub_style(hf, folder), device="cpu",
                           dtype=torch.float32, progress=False)
 
@@ -137,6 +142,16 @@ def tiny(tmp_path_factory):
     if "tiny" not in _built:
         _built["tiny"] = build_tiny(tmp_path_factory.mktemp("tiny-llava"))
     return _built["tiny"]
+
+
+@pytest.fixture(scope="session")
+def other_tiny(tmp_path_factory):
+    """A second tiny model, built like `tiny` but with other weights and a LLaVA that reads CLIP's
+    LAST layer (vision_feature_layer -1): code that assumes the second to last fails on it."""
+    if "other tiny" not in _built:
+        _built["other tiny"] = build_tiny(tmp_path_factory.mktemp("other-tiny-llava"), seed=1,
+                                          vision_feature_layer=-1)
+    return _built["other tiny"]
 
 
 def once(key, build):
@@ -190,23 +205,53 @@ def ask_rule(rule, inputs, num_keep):
     return M.check_kept(rule(copy), batch_size, num_image_tokens, num_keep).sort(dim=-1).values
 
 
-def top_k_mistake(kept, scores, tolerance=1e-7):
-    """None when `kept` (indices) is a top-len(kept) of `scores` (N,), else a sentence
-    that says what differs.
+def require(condition, message):
+    """Fail the calling check with `message` alone unless `condition` holds: the sentence says what
+    differs, so pytest's traceback and the failed expression are left out."""
+    if not condition:
+        pytest.fail(message, pytrace=False)
+
+
+def rows_and_images(indices, tokens_per_image, grid_size):
+    """(how many of `indices` sit in the top half of their image, how many in the first image)."""
+    within = indices % tokens_per_image
+    top = within // grid_size < (tokens_per_image // grid_size) / 2
+    return int(top.sum()), int((indices < tokens_per_image).sum())
+
+
+def is_top_k(kept, scores, tolerance=1e-7):
+    """Is `kept` (indices) a top-len(kept) of `scores` (N,)? Scores within `tolerance` tie."""
+    is_kept = torch.zeros(len(scores), dtype=torch.bool)
+    is_kept[kept] = True
+    if is_kept.all() or not is_kept.any():
+        return True
+    return bool(scores[is_kept].min() >= scores[~is_kept].max() - tolerance)
+
+
+def choice_mistake(kept, scores, tokens_per_image, grid_size, tolerance=1e-7):
+    """None when `kept` (indices into the image tokens) is a top-len(kept) of `scores` (N,), else a
+    short sentence that says in words how the choice differs from the reference's top len(kept).
 
     Two scores closer than `tolerance` count as a tie: either may be kept (your arithmetic and the
     reference's differ in the last bits of a float32).
     """
+    if is_top_k(kept, scores, tolerance):
+        return None
     is_kept = torch.zeros(len(scores), dtype=torch.bool)
     is_kept[kept] = True
-    if is_kept.all() or not is_kept.any():
-        return None
-    worst_kept, best_dropped = scores[is_kept].min(), scores[~is_kept].max()
-    if worst_kept >= best_dropped - tolerance:
-        return None
-    reference = scores.topk(len(kept)).indices.sort().values
-    kept_wrongly = [i for i in kept.tolist() if scores[i] < best_dropped - tolerance]
-    dropped_wrongly = [i for i in range(len(scores))
-                       if not is_kept[i] and scores[i] > worst_kept + tolerance]
-    return (f"keeps image tokens {kept_wrongly} but drops {dropped_wrongly}, which score higher "
-            f"(the reference keeps {reference.tolist()})")
+    best_dropped = scores[~is_kept].max()
+    reference = scores.topk(len(kept)).indices
+    wrongly_kept = int((scores[kept] < best_dropped - tolerance).sum())
+    sentence = (f"{wrongly_kept} of the {len(kept)} tokens you keep are ones the reference drops "
+                f"for better-scored ones")
+    (top, first), (reference_top, reference_first) = (
+        rows_and_images(indices, tokens_per_image, grid_size) for indices in (kept, reference))
+    if len(scores) > tokens_per_image and abs(first - reference_first) > abs(top - reference_top):
+        return (f"{sentence}; you keep {first} in the first image, the reference "
+                f"{reference_first}")
+    if top != reference_top:
+        where = "more" if top > reference_top else "fewer"
+        halves = "halves of the images" if len(scores) > tokens_per_image else "half of the image"
+        return (f"{sentence}; you keep {where} in the top {halves} ({top}, the reference "
+                f"{reference_top})")
+    return sentence

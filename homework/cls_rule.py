@@ -1,9 +1,10 @@
 """Exercise 3: rank the image tokens before the LLM sees them, by the attention of CLIP's CLS token.
 
 FastV scores the image tokens inside the decoder, with the text's attention. Several later methods
-score them in the vision tower instead: CLIP's CLS token summarizes the image, and the patches it
-attends to most are taken to be the informative ones. The choice then depends on the image only,
-not on the question.
+score them in the vision tower instead (FasterVLM, arXiv 2412.01818, with this very score): CLIP's
+CLS token summarizes the image, and the patches it attends to most are taken to be the informative
+ones. The choice then depends on the image only, not on the question. (FasterVLM drops the patches
+before the LLM; here FastV drops them at layer K, with the same choice for every K.)
 
 Use it:    FastV(k=2, r=0.5, rule=make_cls_rule(model, pixel_values))
 Check it:  python -m pytest homework/check_3_cls_rule.py

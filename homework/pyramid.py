@@ -1,8 +1,9 @@
 """Exercise 2: prune twice, a pyramid.
 
 FastV prunes once, at layer K. Later work prunes in stages: a few image tokens go early, more go
-deeper, where the image matters even less. Write the decoder loop by hand and prune with FastV's
-rule at every stage of a schedule.
+deeper, where the image matters even less (PyramidDrop, arXiv 2410.17247: in its example for
+LLaVA-1.5, half of the image tokens after layer 8, half of the rest after 16, and again after 24).
+Write the decoder loop by hand and prune with FastV's rule at every stage of a schedule.
 
 Use it:    logits = pyramid_forward(model, input_ids, pixel_values, [(2, 0.5), (3, 0.5)])
 Check it:  python -m pytest homework/check_2_pyramid.py

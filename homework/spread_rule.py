@@ -2,9 +2,10 @@
 
 With RoPE, the last token favours the image tokens closest to it, the bottom rows of the image, so
 FastV tends to keep the bottom of the picture (FEATHER, arXiv 2412.13180; tutorial chapter 6,
-"Write your own rule"). `grid_rule` in minifastv/rules.py spreads the kept patches evenly but
-ignores the attention. Here you do both: each row of each image's grid keeps the same number of
-patches, chosen by FastV's score.
+"Write your own rule"). FEATHER's answer includes coverage: it keeps uniformly sampled patches
+beside its top-scored ones. `grid_rule` in minifastv/rules.py is such a uniform sample alone: it
+spreads the kept patches evenly but ignores the attention. Here you do both at once: each row of
+each image's grid keeps the same number of patches, chosen by FastV's score.
 
 Use it:    FastV(k=2, r=0.5, rule=row_balanced_rule)
 Check it:  python -m pytest homework/check_5_spread_rule.py
