@@ -454,6 +454,8 @@ def main(argv=None, out=None):
           f"layers {','.join(map(str, sorted(layers)))}")
     result = attention_allocation(model, sequence, pixel_values, answer.shape[1], layers, videos)
     sizes = ", ".join(f"{name} {int(size)}" for name, size in zip(CLASSES, result.class_sizes))
+    if videos is not None:  # the paper's four classes: its "image" is every visual token
+        sizes += " (the image class holds the video's frame tokens)"
     print(f"tokens: {sizes}\n{allocation_table(result)}", file=out)
     stage(f"pruning with FastV K={args.k}, R={args.r:g} under {len(RULES)} rules")
     image_config = ImageProcessorConfig.from_folder(question.folder)

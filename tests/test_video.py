@@ -463,6 +463,7 @@ def test_analyze_a_video(tiny_video, clip, tmp_path, capsys):
                                      "--max-new-tokens", "2", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert "image 2056" in out  # the video's tokens are the image class: FastV's pool
+    assert "(the image class holds the video's frame tokens)" in out  # and the output says so
     picture = Image.open(tmp_path / "kept_patches.png")
     assert picture.height > 8 * 224  # one row per frame
 
