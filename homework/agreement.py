@@ -9,7 +9,10 @@ and the printing are written; you write `agreement`.
 With a model already loaded (a notebook's: a second 7B does not fit on a T4), call the loop itself:
 
     from homework.agreement import compare_on_folder
-    compare_on_folder(model, checkpoint_folder, "my-photos", prompt="Describe this image.", r=0.75)
+    compare_on_folder(model, folder, "my-photos", prompt="Describe this image.", r=0.75,
+                      system=SYSTEM_PROMPTS["llava_v1"])
+
+(`folder` is the notebook's checkpoint folder, the one its model was loaded from.)
 
 Check it:  python -m pytest homework/check_4_agreement.py
 """
@@ -86,20 +89,23 @@ def answer(model, tokenizer, input_ids, pixel_values, fastv, max_new_tokens):
 
 
 def compare_on_folder(model, checkpoint, images, prompt="Describe this image.", k=2, r=0.5,
-                      max_new_tokens=32, out=None):
+                      max_new_tokens=32, out=None, system=None):
     """Answer every image of the folder `images` with and without FastV(k, r) on `model`, a
     minifastv model already loaded; print both answers; return agreement's dict.
 
     checkpoint: the model's folder, for its tokenizer and image settings (in the notebook,
-    question.folder). Greedy answers of at most max_new_tokens tokens; out: where to print
-    (default: sys.stdout).
+    `folder`). Greedy answers of at most max_new_tokens tokens; out: where to print
+    (default: sys.stdout). system: the text of a system prompt to put before the question
+    (format_prompt's `system`, e.g. SYSTEM_PROMPTS["llava_v1"], which the notebook uses); None,
+    the default: none, llava-hf's template.
     """
     out = out or sys.stdout
     files = image_files(images)
     agreement(["probe"], ["probe"])  # an unfilled agreement stops here, before the slow part
     tokenizer = Tokenizer.from_folder(checkpoint)
     processor = ImageProcessorConfig.from_folder(checkpoint)
-    input_ids = encode_prompt(tokenizer, format_prompt(prompt), model.config.image_tokens_per_image)
+    input_ids = encode_prompt(tokenizer, format_prompt(prompt, system=system),
+                              model.config.image_tokens_per_image)
     fastv = FastV(k, r)
 
     answers_plain, answers_pruned = [], []

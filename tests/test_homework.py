@@ -716,16 +716,25 @@ def test_agreement_script_runs_on_a_folder(cli_checkpoint, tmp_path, capsys):
     assert "exact_match: 0.500" in out and "token_f1: 0.250" in out
 
 
-def test_agreement_reuses_a_loaded_model(cli_checkpoint, tmp_path):
+@pytest.mark.parametrize("system", [None, "llava_v1"])
+def test_agreement_reuses_a_loaded_model(cli_checkpoint, tmp_path, system):
     """compare_on_folder answers with the model it is given (a notebook's 7B, already on the GPU):
     it loads none of its own, and its answers are those of minifastv.generate with and without
-    FastV."""
+    FastV, on the prompt with the system prompt it is given (the notebook's), or none."""
     import minifastv
     from minifastv.image import ImageProcessorConfig, load_image, preprocess
-    from minifastv.prompt import Tokenizer, encode_prompt, format_prompt
+    from minifastv.prompt import SYSTEM_PROMPTS, Tokenizer, encode_prompt, format_prompt
 
+    system = system and SYSTEM_PROMPTS[system]
     script = load_starter("agreement.py")
-    calls = []
+    calls, prompts = [], []
+    generate = script.generate
+
+    def recording_generate(model, input_ids, *args, **kwargs):
+        prompts.append(input_ids)
+        return generate(model, input_ids, *args, **kwargs)
+
+    script.generate = recording_generate
 
     def stand_in(answers_plain, answers_pruned):
         calls.append((answers_plain, answers_pruned))
@@ -738,10 +747,11 @@ def test_agreement_reuses_a_loaded_model(cli_checkpoint, tmp_path):
     printed = tmp_path / "printed.txt"
     with printed.open("w") as out:
         metrics = script.compare_on_folder(model, cli_checkpoint, images, prompt="What is it?",
-                                           k=1, r=0.75, max_new_tokens=3, out=out)
+                                           k=1, r=0.75, max_new_tokens=3, out=out, system=system)
     assert metrics == {"exact_match": 0.0, "token_f1": 0.0}
     tokenizer = Tokenizer.from_folder(cli_checkpoint)
-    prompt = format_prompt("What is it?")
+    prompt = format_prompt("What is it?", system=system)
+    assert prompt.startswith("USER: ") == (system is None)
     ids = encode_prompt(tokenizer, prompt, model.config.image_tokens_per_image)
     processor = ImageProcessorConfig.from_folder(cli_checkpoint)
     plain, pruned = [], []
@@ -751,7 +761,23 @@ def test_agreement_reuses_a_loaded_model(cli_checkpoint, tmp_path):
             tokens = minifastv.generate(model, ids, pixels, max_new_tokens=3, fastv=fastv)
             answers.append(tokenizer.decode(tokens[0].tolist()).strip())
     assert calls[-1] == (plain, pruned)
+    assert len(prompts) == 6 and all(torch.equal(used, ids) for used in prompts)
     assert "FastV K=1, R=0.75" in printed.read_text()
+
+
+def test_the_readme_names_tutorial_sections_that_exist():
+    """'tutorial chapter N, "Heading"' (and '... and "Heading"') points at a section of chapter N
+    that begins with that heading: exercise 5's RoPE bias is in chapter 6's "What the rule favours"."""
+    parts = re.split(r"^# (\d+)\. ", (ROOT / "tutorial.md").read_text(), flags=re.M)
+    chapters = {int(number): body for number, body in zip(parts[1::2], parts[2::2])}
+    readme = " ".join((HOMEWORK / "README.md").read_text().split())
+    pointers = re.findall(r'tutorial chapter (\d+), ("[^"]+"(?: and "[^"]+")*)', readme)
+    assert len(pointers) >= 4
+    for number, headings in pointers:
+        for heading in re.findall(r'"([^"]+)"', headings):
+            assert re.search(rf"^## {re.escape(heading)}", chapters[int(number)], flags=re.M), \
+                (number, heading)
+    assert 'chapter 6, "What the rule favours: the bottom of the image"' in readme
 
 
 def test_agreement_script_starts_as_a_script(tmp_path):

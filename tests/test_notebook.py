@@ -29,8 +29,8 @@ SECTIONS = ["1. Setup", "2. Where the attention goes", "3. FastV", "4. Speed", "
 # (README.md, "Use it from Python"; the video and rules modules it names; the eval command's Python use), and
 # the homework's exercise 4.
 ALLOWED_IMPORTS = {
-    "contextlib": None, "importlib": None, "io": None, "json": None, "os": None, "subprocess": None, "sys": None,
-    "tempfile": None,
+    "contextlib": None, "importlib": None, "io": None, "json": None, "os": None, "shlex": None, "subprocess": None,
+    "sys": None, "tempfile": None,
     "torch": None, "matplotlib.pyplot": None, "IPython": {"get_ipython"}, "IPython.display": {"SVG", "display"},
     "minifastv": {"eval"},
     "minifastv.checkpoint": {"resolve_folder"},
@@ -201,7 +201,12 @@ def test_the_cells_use_the_public_api():
     assert 'CLONE = "minifastv-course"' in setup and "sys.path.insert(0, os.getcwd())" in setup  # the clone never shadows
     assert "minifastv.tiny_checkpoint() if MODEL == \"tiny\" else resolve_folder(MODEL)" in load
     assert 'system=SYSTEM_PROMPTS["llava_v1"]' in load  # the FastV paper's setting, for its attention numbers
-    assert "--system" not in code_cells()[code_cell_index("evaluation.main(")]  # the eval's default: vicuna_v1
+    evaluation = code_cells()[code_cell_index("evaluation.main(")]
+    assert "--system" not in evaluation  # the eval's default: vicuna_v1
+    before, _ = markdown_around(code_cell_index("evaluation.main("))
+    assert "runs the command `python -m minifastv.eval`" in before  # the entry point, said plainly
+    flags = re.search(r"with the flags `([^`]+)`", before).group(1).split()
+    assert all(flag in evaluation for flag in flags) and 'print("python -m minifastv.eval", shlex.join(flags))' in evaluation
     attention = code_cells()[code_cell_index("observe=observe")]
     assert "minifastv.attention_rows(view.queries, view.keys, view.attention_mask" in attention
 
@@ -230,6 +235,9 @@ def test_the_homework_reuses_the_loaded_model(offline_run, monkeypatch):
     exercise_4 = namespace["exercise_4"]
     monkeypatch.setattr(exercise_4, "load", no_second_load)
     monkeypatch.setattr(exercise_4, "agreement", lambda plain, pruned: {"exact_match": 1.0, "token_f1": 1.0})
+    systems, format_prompt = [], exercise_4.format_prompt
+    monkeypatch.setattr(exercise_4, "format_prompt",
+                        lambda *args, **kwargs: systems.append(kwargs.get("system")) or format_prompt(*args, **kwargs))
     monkeypatch.setattr(importlib, "reload", lambda module: module)  # keeps the filled-in agreement
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -237,6 +245,32 @@ def test_the_homework_reuses_the_loaded_model(offline_run, monkeypatch):
             exec(compile(code_cells()[cell], f"code cell {cell}", "exec"), namespace)
     assert namespace["model"] is after[rule_cell]["model"] and namespace["stats_mine"].image_tokens_kept == 288
     assert "chelsea.png: " in out.getvalue() and "exact_match: 1.000" in out.getvalue()
+    assert systems == [namespace["SYSTEM_PROMPTS"]["llava_v1"]]  # the system prompt of the notebook's other cells
+
+
+def test_the_homework_readme_calls_exercise_4_with_the_notebook_s_names(offline_run):
+    """homework/README.md's exercise 4 shows the call to make in the notebook: every name it uses and does not
+    define itself is one the notebook defines by then, and its arguments fit compare_on_folder."""
+    import builtins
+    import inspect
+    import textwrap
+
+    readme = (ROOT / "homework" / "README.md").read_text()
+    block = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                 if "compare_on_folder(model" in block)
+    tree = ast.parse(textwrap.dedent(block))
+    defined = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for alias in node.names}
+    defined |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    _, after = offline_run
+    namespace = after[code_cell_index("exercise_4.compare_on_folder(")]
+    assert not {name for name in used - defined if not hasattr(builtins, name)} - set(namespace)
+    call = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "compare_on_folder")
+    inspect.signature(namespace["exercise_4"].compare_on_folder).bind(
+        *call.args, **{keyword.arg: keyword.value for keyword in call.keywords})
+    assert 'system=SYSTEM_PROMPTS["llava_v1"]' in block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,6 +296,7 @@ def test_notebook_runs_on_the_tiny_models(offline_run):
     assert "No GPU here, so no peak GPU memory to report." in out
     assert [row["kept"] for row in namespace["sweep"]] == [576, 432, 288, 144, 58]
     assert namespace["sweep"][0]["predicted"] == pytest.approx(1, abs=0.01) and "measured on this CPU" in out
+    assert "python -m minifastv.eval --data cat-questions --max-new-tokens 8 --answers eval-200.jsonl" in out
     assert "cat-questions: 2 questions, LLaVA-1.5's protocol" in out and "K2R0.75 fastv is not distinguishable" in out
     video = code_cell_index("video_model = minifastv.load(")
     assert "video tokens 2056 -> 1028 kept" in out and after[video]["video_model"].image_tower is None
@@ -269,6 +304,39 @@ def test_notebook_runs_on_the_tiny_models(offline_run):
     text_config = model.config.text  # the first markdown cell describes the tiny model
     assert f"a {text_config.hidden_size}-wide, {text_config.num_hidden_layers}-layer decoder" in " ".join(
         text(read_notebook()["cells"][0]["source"]).split())
+
+
+def test_the_timing_cell_warms_up_every_setting_and_measures_against_r0(offline_run, monkeypatch):
+    """The speed section times every setting once untimed, then in turns (every other round reversed); its
+    speed-ups are over FastV at R=0, as tutorial chapter 7's, and it warns, as minifastv.bench does, when every
+    no-FastV run was slower than every R=0 run. The prefill times are made up here, the runs are real."""
+    import minifastv
+
+    _, after = offline_run
+    cell = code_cell_index("R_VALUES = [0.0, 0.25, 0.5, 0.75, 0.9]")
+    before, _ = markdown_around(cell)
+    assert "against FastV at R=0" in before and "warning" in before
+    generate = minifastv.generate
+    for plain_ms, warns in ((30.0, True), (19.0, False)):
+        taken = []
+
+        def timed_generate(*args, fastv=None, stats=None, **kwargs):
+            ids = generate(*args, fastv=fastv, stats=stats, **kwargs)
+            taken.append(None if fastv is None else fastv.r)
+            stats.prefill_seconds = (plain_ms if fastv is None else 20.0 * (1 - fastv.r / 2)) / 1e3
+            return ids
+
+        monkeypatch.setattr(minifastv, "generate", timed_generate)
+        namespace, out = dict(after[cell - 1]), io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code_cells()[cell], f"code cell {cell}", "exec"), namespace)
+        settings = [None, 0.0, 0.25, 0.5, 0.75, 0.9]
+        assert taken == settings + settings + settings[::-1] + settings  # the warm-up, then three rounds
+        sweep = namespace["sweep"]
+        assert [row["measured"] for row in sweep] == pytest.approx([1 / (1 - r / 2) for r in (0, 0.25, 0.5, 0.75, 0.9)])
+        assert sweep[0]["predicted"] == 1 and sweep[2]["predicted"] > 1
+        assert f"without FastV {plain_ms:.1f} ms, FastV at R=0 20.0 ms" in out.getvalue()
+        assert ("warning: no FastV measured slower than FastV at R=0" in out.getvalue()) == warns
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,6 +352,29 @@ def test_every_number_in_the_markdown_is_one_the_docs_state():
         if cell["cell_type"] == "markdown":
             unsourced = sorted({n.rstrip(".,") for n in NUMBER.findall(text(cell["source"]))} - stated)
             assert not unsourced, f"markdown cell {position} states {unsourced}, which README.md and tutorial.md do not"
+
+
+def tutorial_chapters():
+    """{chapter number: its text} of tutorial.md, cut at its "# N. Title" headings."""
+    parts = re.split(r"^# (\d+)\. ", (ROOT / "tutorial.md").read_text(), flags=re.M)
+    return {int(number): body for number, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_the_tutorial_sections_the_markdown_names_are_in_their_chapters():
+    """'tutorial chapter N, "Heading"' points at a section of chapter N that begins with that heading."""
+    chapters = tutorial_chapters()
+    markdown = " ".join(text(cell["source"]) for cell in read_notebook()["cells"] if cell["cell_type"] == "markdown")
+    pointers = re.findall(r'tutorial chapter (\d+), "([^"]+)"', " ".join(markdown.split()))
+    assert len(pointers) >= 2
+    for number, heading in pointers:
+        assert re.search(rf"^## {re.escape(heading)}", chapters[int(number)], flags=re.M), (number, heading)
+
+
+def test_the_decode_cost_points_to_the_chapter_that_explains_it():
+    """The 13.2 GB a decode step reads: the chapter cited is the first to state it (chapter 4's KV cache)."""
+    _, answer = markdown_around(code_cell_index("stats_plain), ("))
+    cited = int(re.search(r"13\.2 GB of decoder and `lm_head` \(tutorial chapter (\d+)\)", answer).group(1))
+    assert cited == min(number for number, body in tutorial_chapters().items() if "13.2 GB" in body)
 
 
 def test_the_numbers_the_configs_give():
