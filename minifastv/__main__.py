@@ -175,7 +175,7 @@ def prefill_sentence(seconds_plain, seconds_fast):
     else:
         spread = f"from {1 / low:.2f}x slower to {high:.2f}x faster"
     return (f"prefill {times_faster(ratio)} with FastV (median of {len(seconds_plain)} "
-            f"interleaved runs each; {spread} run by run)")
+            f"interleaved runs each, after a warm-up; {spread} run by run)")
 
 
 def decode_sentence(stats_plain, stats_fast):

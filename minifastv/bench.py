@@ -47,7 +47,7 @@ from . import cli
 from .checkpoint import config_by_name, file_name, read_config
 from .errors import UsageError
 from .flops import exact_prefill_flops
-from .generation import generate, synchronize
+from .generation import GenerationStats, generate, synchronize
 from .model import FastV, Llava, LlavaConfig, TextConfig, VisionConfig, attention_rows, fastv_rule
 
 RANDOM_MODELS = {"random-7b": "llava-1.5-7b", "random-13b": "llava-1.5-13b",
@@ -247,34 +247,42 @@ def time_scoring(model, ids, visual, k, repeats=50):
     return statistics.median(timed(model.device, score) for _ in range(repeats))
 
 
-def decode_speed(device, generate_tokens):
-    """Decode tokens/s of `generate_tokens(n)`: the time of NEW_TOKENS tokens minus that of one,
-    over NEW_TOKENS - 1 steps, so that the prefill is not counted. minifastv and transformers are
-    timed alike."""
-    one = timed(device, lambda: generate_tokens(1))
-    many = timed(device, lambda: generate_tokens(NEW_TOKENS))
-    return (NEW_TOKENS - 1) / max(many - one, 1e-9)
-
-
 @torch.inference_mode()
 def decode_speeds(model, ids, visual, settings, repeats):
-    """Decode tokens/s per setting, greedy, one per run, the settings taking turns (in_turns).
-    warm_up first."""
+    """Decode tokens/s per setting, greedy, one per run, the settings taking turns (in_turns):
+    GenerationStats times the NEW_TOKENS - 1 decode steps alone, not the prefill. warm_up first."""
     runs = {name: [] for name in settings}
     for name in in_turns(settings, repeats):
         fastv = settings[name]
-
-        def generate_tokens(n):
-            return generate(model, ids, **visual, max_new_tokens=n, fastv=fastv, eos_token_id=-1)
-
         # A compiled model hands back the KV-cache buffers of its last two cache shapes
         # (compiled.reusing_caches); a generation with another shape allocates a new cache and,
         # on a GPU, records new CUDA graphs for its addresses. The settings take turns, so the
-        # timed pair must not be the first of this setting's shape: an untimed generation of
-        # the same setting brings its cache back first. (Eager, every generation allocates.)
-        generate_tokens(1)
-        runs[name].append(decode_speed(model.device, generate_tokens))
+        # timed generation must not be the first of this setting's shape: an untimed one of the
+        # same setting brings its cache back first. (Eager, every generation allocates.)
+        generate(model, ids, **visual, max_new_tokens=1, fastv=fastv, eos_token_id=-1)
+        stats = GenerationStats()
+        generate(model, ids, **visual, max_new_tokens=NEW_TOKENS, fastv=fastv, eos_token_id=-1,
+                 stats=stats)
+        runs[name].append(stats.decode_tokens_per_second)
     return runs
+
+
+class TokenClock:
+    """A transformers streamer that notes when each token arrives: generate() hands it the
+    prompt first, then each new token as it is picked."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def decode_tokens_per_second(self):
+        """Over the decode steps: from the first new token (the prefill's) to the last."""
+        return (len(self.times) - 2) / (self.times[-1] - self.times[1])
 
 
 def device_busy(device, run):
@@ -378,17 +386,15 @@ def compare_with_transformers(model, twin, ids, visual, repeats):
     visual = {name: pixels.to(device, model.dtype) for name, pixels in visual.items()}
     ids = ids.to(device)
 
-    def generate_tokens(n):
-        return twin.generate(input_ids=ids, **visual, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False)
-
     prefills, decodes = [], []
     for round_number in range(repeats + 1):  # round 0 warms transformers up: not counted
         prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
-        decode = decode_speed(device, generate_tokens)
+        clock = TokenClock()
+        twin.generate(input_ids=ids, **visual, max_new_tokens=NEW_TOKENS,
+                      min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock)
         if round_number:
             prefills.append(prefill)
-            decodes.append(decode)
+            decodes.append(clock.decode_tokens_per_second())
     return {"prefill_ms": statistics.median(prefills) * 1e3,
             "decode_tokens_per_s": statistics.median(decodes)}
 

@@ -439,7 +439,8 @@ def resolve_folder(path_or_repo_id):
         reason = " ".join(str(error).split())  # the hub's messages span lines; ours is one sentence
         raise CheckpointError(
             f"There is no folder {name}, and it could not be downloaded from the Hugging Face hub "
-            f"({type(error).__name__}: {reason}). Check the network and the repo id, or pass a "
-            "local model folder."
+            f"({type(error).__name__}: {reason}). Check the network and the repo id, pass a local "
+            "model folder, or, offline, try a tiny random model: --model tiny on the commands, "
+            "minifastv.tiny_checkpoint() in Python."
         ) from error
     return target

@@ -270,7 +270,7 @@ def encode_question(folder, config, image_paths, video_paths, prompt, pad, max_n
         raise UsageError(
             f"The prompt has {input_ids.shape[1]} tokens and --max-new-tokens asks for "
             f"{max_new_tokens} more, but the model's context is {context} tokens: "
-            "use fewer images or tokens.")
+            "use a smaller --max-new-tokens, fewer images or a shorter prompt.")
     return tokenizer, input_ids, pixel_values, pixel_values_videos
 
 

@@ -135,9 +135,13 @@ def test_every_setting_is_warmed_before_any_is_timed_and_the_timed_runs_take_tur
     assert [name for name, _ in timed_runs[:10]] == [*SETTINGS, *reversed(SETTINGS)]
     batch = [name for name, size in timed_runs[10:16] if size == 2]
     assert batch == ["no_fastv", "K2_R0.5", "K2_R0.75", "K2_R0.75", "K2_R0.5", "no_fastv"]
-    # The decode: a timed pair (1 token, 16) per run, the two settings in turns.
+    # The decode: per run an untimed generation, then the one GenerationStats times (each
+    # prefills once), the two settings in turns.
     decode = ["no_fastv", "K2_R0.5", "K2_R0.5", "no_fastv"]
-    assert [name for name, _ in timed_runs[16:]] == [name for name in decode for _ in range(2)]
+    last_timed = max(i for i, (_, _, timed_run) in enumerate(calls) if timed_run)
+    assert len(timed_runs) == 16
+    assert [name for name, _, _ in calls[last_timed + 1:]][-8:] == [
+        name for name in decode for _ in range(2)]
     # no FastV took 2 ms a run, R=0 less: the bench says it cannot be, in its output and JSON
     out = capsys.readouterr().out
     assert f"warning: {bench.BASELINE_WARNING}" in out.splitlines()
@@ -285,35 +289,43 @@ def test_the_timed_scoring_step_picks_what_fastv_keeps():
 
 def test_no_timed_generation_is_the_first_of_its_cache_shape(monkeypatch):
     """A compiled model reuses the KV caches of its last two shapes (compiled.reusing_caches): with
-    three settings taking turns, caches are made anew, but never while the clock runs."""
+    three settings taking turns, caches are made anew, but never for a timed generation."""
     model = bench.random_llava(torch.device("cpu"), torch.float32, layers=3, width=64)
     model.new_cache = compiled.reusing_caches(model)  # the compiled path's caches, not compiled
     ids, visual = bench.benchmark_prompt(model.config, 10)
-    clock = {"running": False, "timed_runs": 0, "caches": 0, "caches_made_while_timed": 0}
+    counts = {"caches": 0, "timed": 0, "caches_made_for_timed": 0}
 
     class CountedKVCache(compiled.KVCache):
         def __init__(self, *args):
             super().__init__(*args)
-            clock["caches"] += 1
-            clock["caches_made_while_timed"] += clock["running"]
+            counts["caches"] += 1
 
-    untimed = bench.timed
+    untimed_generate = bench.generate
 
-    def timed(device, function):
-        clock["running"], clock["timed_runs"] = True, clock["timed_runs"] + 1
-        try:
-            return untimed(device, function)
-        finally:
-            clock["running"] = False
+    def generate(*args, stats=None, **options):
+        before = counts["caches"]
+        tokens = untimed_generate(*args, stats=stats, **options)
+        if stats is not None:  # the timed one: GenerationStats times its decode steps
+            counts["timed"] += 1
+            counts["caches_made_for_timed"] += counts["caches"] - before
+        return tokens
 
     monkeypatch.setattr(compiled, "KVCache", CountedKVCache)
-    monkeypatch.setattr(bench, "timed", timed)
+    monkeypatch.setattr(bench, "generate", generate)
     settings = {cli.setting_name(fastv): fastv for fastv in (None, FastV(2, 0.5), FastV(2, 0.75))}
     speeds = bench.decode_speeds(model, ids, visual, settings, repeats=2)
     assert set(speeds) == set(settings) and all(len(runs) == 2 for runs in speeds.values())
-    assert clock["timed_runs"] == 2 * 3 * 2  # rounds x settings x (1 token, NEW_TOKENS)
-    assert clock["caches"] > 3  # three shapes in turns, two kept: caches were made again
-    assert clock["caches_made_while_timed"] == 0
+    assert all(0 < speed < float("inf") for runs in speeds.values() for speed in runs)
+    assert counts["timed"] == 2 * 3  # rounds x settings
+    assert counts["caches"] > 3  # three shapes in turns, two kept: caches were made again
+    assert counts["caches_made_for_timed"] == 0
+
+
+def test_the_token_clock_times_the_decode_steps_alone():
+    """transformers' decode speed: a streamer's clock, from the first new token to the last."""
+    clock = bench.TokenClock()
+    clock.times = [0.0, 5.0, 5.5, 6.0, 6.5]  # the prompt, then 4 new tokens: 3 decode steps
+    assert clock.decode_tokens_per_second() == 3 / 1.5
 
 
 def test_bench_times_a_checkpoint_load(tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def test_compare_prints_both(checkpoint_folder):
     assert "without FastV" in result.stdout and "| FastV K=2, R=0.75: image tokens 36 -> 9 kept" in result.stdout
     plain, fast = expected_answer(checkpoint_folder, None), expected_answer(checkpoint_folder, M.FastV(2, 0.75))
     assert plain in result.stdout and fast in result.stdout
-    assert "with FastV (median of 3 interleaved runs each; " in result.stdout
+    assert "with FastV (median of 3 interleaved runs each, after a warm-up; " in result.stdout
     assert "decode steps of " in result.stdout  # and says how decode speed was measured
     assert "timing the prefill: 3 interleaved runs per setting" in result.stderr  # nothing silent
 
@@ -108,17 +108,17 @@ def test_compare_times_interleaved_runs_and_headlines_medians_with_their_spread(
     assert "timing the prefill: 4 interleaved runs per setting" in captured.err
     # medians 1.15 and 0.55; per run 2.0, 5.0, 1.5, 2.75
     assert "prefill 1.15 s, " in captured.out and "| prefill 0.55 s, " in captured.out
-    assert ("prefill 2.09x faster with FastV (median of 4 interleaved runs each; 1.50x-5.00x faster run by run)\n"
+    assert ("prefill 2.09x faster with FastV (median of 4 interleaved runs each, after a warm-up; 1.50x-5.00x faster run by run)\n"
             in captured.out)
 
 
 def test_prefill_sentence_says_slower_and_a_spread_across_one():
     assert ask.prefill_sentence([1.0, 1.0, 1.0], [0.5, 0.625, 0.8]) == (
-        "prefill 1.60x faster with FastV (median of 3 interleaved runs each; 1.25x-2.00x faster run by run)")
+        "prefill 1.60x faster with FastV (median of 3 interleaved runs each, after a warm-up; 1.25x-2.00x faster run by run)")
     assert ask.prefill_sentence([1.0, 1.0, 1.0], [1.25, 2.0, 1.47]) == (
-        "prefill 1.47x slower with FastV (median of 3 interleaved runs each; 1.25x-2.00x slower run by run)")
+        "prefill 1.47x slower with FastV (median of 3 interleaved runs each, after a warm-up; 1.25x-2.00x slower run by run)")
     assert ask.prefill_sentence([1.0, 1.0, 1.0], [0.5, 1.0, 2.0]) == (
-        "prefill 1.00x faster with FastV (median of 3 interleaved runs each; from 2.00x slower to 2.00x faster "
+        "prefill 1.00x faster with FastV (median of 3 interleaved runs each, after a warm-up; from 2.00x slower to 2.00x faster "
         "run by run)")
 
 

@@ -197,3 +197,25 @@ def test_every_command_says_its_version(module, capsys):
         importlib.import_module(module).main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"minifastv {minifastv.__version__}"
+
+
+def test_offline_the_download_error_points_to_the_tiny_model(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(**options):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(CheckpointError, match=r"could not be downloaded .* --model tiny on the "
+                                              r"commands, minifastv\.tiny_checkpoint\(\) in Python"):
+        checkpoint.resolve_folder("llava-hf/llava-1.5-7b-hf")
+
+
+def test_flops_takes_the_tiny_models_by_name(tmp_path, monkeypatch, capsys):
+    from minifastv.flops import __main__ as flops
+
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    assert cli.report_errors(flops.main, ["--config", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny: 36 text + 576 image tokens") and "MFLOPs" in out

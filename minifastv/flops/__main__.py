@@ -19,8 +19,8 @@ def parse_args(argv):
     )
     cli.add_version_argument(parser)
     parser.add_argument("--config", default="llava-1.5-13b",
-                        help=(f"{', '.join(PRESETS)}, or a config.json or model folder "
-                              "(default llava-1.5-13b, the paper's Table 1)"))
+                        help=(f"{', '.join(PRESETS)}, tiny, tiny-video, or a config.json or "
+                              "model folder (default llava-1.5-13b, the paper's Table 1)"))
     cli.add_fastv_arguments(parser)
     parser.add_argument("--text-tokens", type=int, default=36,
                         help="text tokens in the prompt (default 36, as in the paper)")
@@ -35,10 +35,12 @@ def model_config(name):
     """A built-in config by name, or a config.json file, or the config.json of a model folder."""
     if name in PRESETS:
         return config_by_name(name)
+    if name in ("tiny", "tiny-video"):
+        return read_config(cli.model_folder(name))
     if not Path(name).exists():
         raise UsageError(
-            f"--config {name} is neither a built-in config ({', '.join(PRESETS)}) "
-            "nor a config.json or model folder."
+            f"--config {name} is neither a built-in config ({', '.join(PRESETS)}, tiny, "
+            "tiny-video) nor a config.json or model folder that exists."
         )
     return read_config(name)
 
