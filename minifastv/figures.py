@@ -3,14 +3,12 @@
 Nine figures, each computed from minifastv's own code and configs (nothing typed in by hand):
 1. architecture.svg: LLaVA-1.5-7B from pixels to logits, with FastV cutting in at layer K.
 2. patch_grid.svg: a 336 x 336 image cut into 24 x 24 patches, and where each goes in the prompt.
-3. On a toy model that runs for real: pruning_sequence.svg, the prompt before and after FastV with
-   position ids; causal_votes.svg, the causal mask and who can vote for a patch; cache_slots.svg,
-   the KV cache's slots after FastV and the position each holds.
+3. On a toy model that runs for real: pruning_sequence.svg, the prompt before and after FastV;
+   causal_votes.svg, who can vote for a patch; cache_slots.svg, the KV cache's slots after FastV.
 4. rope_decay.svg: how RoPE turns a key away from the query the further apart they are.
 5. flops_and_time.svg: predicted and measured prefill speed-up against R, from bench-cpu.json;
    gpu_time.svg: the same on an H200, eager and compiled, batch 1 and 8, from bench-h200-*.json.
-6. kept_patches.svg: which of the 24 x 24 patches four pruning rules keep (synthetic queries and
-   keys).
+6. kept_patches.svg: which of the 24 x 24 patches four pruning rules keep, on synthetic inputs.
 
 SVG is plain text. Every number is rounded before it is written, so the files come out byte for
 byte the same on every machine, and tests/test_figures.py regenerates them and compares.
@@ -36,7 +34,8 @@ from .rules import grid_rule, no_rope_rule, random_rule
 
 FIGURES = Path(__file__).resolve().parent / "assets" / "figures"
 BENCH_JSON = FIGURES / "bench-cpu.json"  # written once by: python -m minifastv.bench --json <it>
-MODEL = "llava-1.5-7b"  # the config of every figure but the toy and the bench (config_by_name)
+MODEL = "llava-1.5-7b"
+CONFIG = config_by_name(MODEL)  # the config of every figure but the toy and the bench
 # LLaVA-1.5's prompt around one image, as Llama-2's tokenizer splits
 # "USER: <image>\nWhat animal is this? ASSISTANT:" (tests/test_figures.py checks them against the
 # real tokenizer.json when ../shared/reference is there).
@@ -50,8 +49,7 @@ LIGHT_COLORS = {"system": "#aec7e8", "image": "#ffbb78", "instruction": "#98df8a
 
 
 def prompt_length(num_image):
-    """Tokens in the LLaVA-1.5 prompt above with `num_image` image tokens (5 + 576 + 12 = 593 for
-    the real model)."""
+    """Tokens in that prompt with `num_image` image tokens (5 + 576 + 12 = 593 in the 7B model)."""
     return len(SYSTEM_TOKENS) + num_image + len(QUESTION_TOKENS)
 
 
@@ -71,40 +69,37 @@ def number(value):
     return text[:-2] if text.endswith(".0") else text
 
 
-def attributes(values):
-    """' name="value"' pairs: numbers rounded, text escaped, underscores in names made dashes
-    (stroke_width)."""
-    pairs = []
-    for name, value in values.items():
-        if isinstance(value, (int, float)):
-            value = number(value)
-        else:
-            value = escape(str(value), {'"': "&quot;"})
-        pairs.append(f' {name.replace("_", "-")}="{value}"')
-    return "".join(pairs)
+def tag(name, words=None, **values):
+    """An SVG element, <name .../>, or <name ...>words</name> with words: numbers rounded, lists of
+    (x, y) written "x,y x,y", text escaped, underscores in names made dashes (stroke_width)."""
+    attributes = ""
+    for key, value in values.items():
+        if isinstance(value, list):
+            value = " ".join(f"{number(x)},{number(y)}" for x, y in value)
+        value = number(value) if isinstance(value, (int, float)) else escape(value, {'"': "&quot;"})
+        attributes += f' {key.replace("_", "-")}="{value}"'
+    closing = "/>" if words is None else f">{escape(words)}</{name}>"
+    return f"<{name}{attributes}{closing}"
 
 
 def rect(x, y, width, height, fill="none", stroke="black", **extra):
-    values = dict(x=x, y=y, width=width, height=height, fill=fill, stroke=stroke, **extra)
-    return f"<rect{attributes(values)}/>"
-
-
-def circle(x, y, radius, fill):
-    return f"<circle{attributes(dict(cx=x, cy=y, r=radius, fill=fill))}/>"
+    return tag("rect", x=x, y=y, width=width, height=height, fill=fill, stroke=stroke, **extra)
 
 
 def text(x, y, words, size=12, anchor="start", **extra):
-    values = dict(x=x, y=y, font_size=size, text_anchor=anchor, **extra)
-    return f"<text{attributes(values)}>{escape(words)}</text>"
+    return tag("text", words, x=x, y=y, font_size=size, text_anchor=anchor, **extra)
 
 
 def line(x1, y1, x2, y2, stroke="black", **extra):
-    return f"<line{attributes(dict(x1=x1, y1=y1, x2=x2, y2=y2, stroke=stroke, **extra))}/>"
+    return tag("line", x1=x1, y1=y1, x2=x2, y2=y2, stroke=stroke, **extra)
 
 
 def polyline(points, stroke="black", **extra):
-    path = " ".join(f"{number(x)},{number(y)}" for x, y in points)
-    return f"<polyline{attributes(dict(points=path, fill='none', stroke=stroke, **extra))}/>"
+    return tag("polyline", points=points, fill="none", stroke=stroke, **extra)
+
+
+def dot(x, y, fill):
+    return tag("circle", cx=x, cy=y, r=3.5, fill=fill)
 
 
 def arrow(x1, y1, x2, y2):
@@ -113,15 +108,17 @@ def arrow(x1, y1, x2, y2):
     ux, uy = (x2 - x1) / length, (y2 - y1) / length  # unit vector along the arrow
     head = [(x2, y2), (x2 - 9 * ux + 4 * uy, y2 - 9 * uy - 4 * ux),
             (x2 - 9 * ux - 4 * uy, y2 - 9 * uy + 4 * ux)]
-    points = " ".join(f"{number(x)},{number(y)}" for x, y in head)
-    shaft = line(x1, y1, x2 - 8 * ux, y2 - 8 * uy, stroke_width=1.5)
-    return shaft + f'<polygon points="{points}"/>'
+    return line(x1, y1, x2 - 8 * ux, y2 - 8 * uy, stroke_width=1.5) + tag("polygon", points=head)
 
 
 def lines_of_text(x, y, rows, size=12, step=None, **extra):
-    """Several lines of text, one under the other."""
     return [text(x, y + index * (step or size + 4), row, size, **extra)
             for index, row in enumerate(rows)]
+
+
+def heading(words, rows=(), y=26):
+    """A figure's bold heading at the top left, and lines of text under it."""
+    return [text(20, y, words, 15, font_weight="bold"), *lines_of_text(20, y + 20, rows)]
 
 
 def box(x, y, width, height, title, rows, fill):
@@ -132,17 +129,16 @@ def box(x, y, width, height, title, rows, fill):
             *lines_of_text(middle, y + 38, rows, 11, anchor="middle")]
 
 
-def token_box(x, y, width, label, kind, under=None):
+def token_box(x, y, width, label, kind, under=None, height=26):
     """A token: a box of its class's color with `label` (its position id) in it, `under` below."""
     middle = x + width / 2
-    elements = [rect(x, y, width, 26, fill=CLASS_COLORS[kind], stroke="white"),
+    elements = [rect(x, y, width, height, fill=CLASS_COLORS[kind], stroke="white"),
                 text(middle, y + 17, label, 12, "middle", fill="white", font_weight="bold")]
     return elements + ([] if under is None else [text(middle, y + 40, under, 8, "middle")])
 
 
 def axes(left, top, width, height, y_ticks, x_ticks, x_label):
-    """A chart's axes: y_ticks and x_ticks are [(pixel, label)]; a light line across at each y
-    tick."""
+    """A chart's axes, y_ticks and x_ticks [(pixel, label)], a light line across at each y tick."""
     bottom = top + height
     elements = [line(left, top, left, bottom), line(left, bottom, left + width, bottom),
                 text(left + width / 2, bottom + 38, x_label, 12, "middle")]
@@ -155,8 +151,7 @@ def axes(left, top, width, height, y_ticks, x_ticks, x_label):
 
 
 def grid_of_cells(x0, y0, cell, colors):
-    """A grid of colored squares, colors[row][column]; a run of one color in a row is drawn as one
-    rectangle."""
+    """Squares of colors[row][column]; a run of one color in a row is drawn as one rectangle."""
     elements = []
     for row, row_colors in enumerate(colors):
         column = 0
@@ -173,8 +168,7 @@ def document(width, height, title, elements):
     size = f'width="{number(width)}" height="{number(height)}"'
     head = (f'<svg xmlns="http://www.w3.org/2000/svg" {size} '
             f'viewBox="0 0 {number(width)} {number(height)}" font-family="sans-serif">')
-    body = [f"<title>{escape(title)}</title>",
-            rect(0, 0, width, height, fill="white", stroke="none"), *elements]
+    body = [tag("title", title), rect(0, 0, width, height, fill="white", stroke="none"), *elements]
     return "\n".join([head, *body, "</svg>"]) + "\n"
 
 
@@ -183,34 +177,27 @@ def document(width, height, title, elements):
 
 
 def architecture_svg():
-    config, fastv = config_by_name(MODEL), FastV()
-    vision, text_config = config.vision, config.text
-    grid, num_image = vision.grid_size, config.image_tokens_per_image
-    # -2 of 24 layers: the first 23 run
-    layers_run = config.vision_feature_layer % (vision.num_hidden_layers + 1)
-    num_tokens, num_kept_image = prompt_length(num_image), round(num_image * (1 - fastv.r))
+    fastv, vision, text_config = FastV(), CONFIG.vision, CONFIG.text
+    grid, num_image = vision.grid_size, CONFIG.image_tokens_per_image
+    layers_run = CONFIG.vision_feature_layer % (vision.num_hidden_layers + 1)  # -2 of 24: 23 run
+    num_tokens, num_kept_image = prompt_length(num_image), fastv.num_keep(num_image)
     num_kept = kept_tokens(num_tokens, num_image, fastv.r)
-    k, last = fastv.k, text_config.num_hidden_layers - 1
-    clip_width, text_width = vision.hidden_size, text_config.hidden_size
-    title = (f"LLaVA-1.5-7B with FastV (K={k}, R={fastv.r:g}): one image and a question, "
-             f"{num_tokens} tokens")
-    elements = [text(20, 28, title, 15, font_weight="bold")]
+    k, clip_width, text_width = fastv.k, vision.hidden_size, text_config.hidden_size
+    elements = heading(f"LLaVA-1.5-7B with FastV (K={k}, R={fastv.r:g}): one image and a "
+                       f"question, {num_tokens} tokens", y=28)
     top = 50  # the vision side, left to right
     elements += box(20, top, 170, 110, "image",
                     [f"{vision.image_size} x {vision.image_size} px, RGB",
                      "resized, center-cropped,", "normalized (image.py)"], "#f2f2f2")
     elements += box(230, top, 300, 110,
                     f"CLIP ViT-L/{vision.patch_size} ({vision.num_hidden_layers} layers)",
-                    [f"{vision.patch_size} px patches: {grid} x {grid} = {grid * grid} + CLS "
-                     "token,",
+                    [f"{vision.patch_size} px patches: {grid} x {grid} = {grid**2} + CLS token,",
                      f"{clip_width} wide; runs {layers_run} layers and reads the output",
                      f"of layer {layers_run - 1}, the second to last (feature layer "
-                     f"{config.vision_feature_layer});",
+                     f"{CONFIG.vision_feature_layer});",
                      "the CLS token is dropped"], "#fde9d9")
-    elements += box(570, top, 270, 110, "projector",
-                    [f"Linear {clip_width} -> {text_width}, GELU,",
-                     f"Linear {text_width} -> {text_width}",
-                     "(2-layer MLP)"], "#fde9d9")
+    elements += box(570, top, 270, 110, "projector", [f"Linear {clip_width} -> {text_width}, GELU,",
+                    f"Linear {text_width} -> {text_width}", "(2-layer MLP)"], "#fde9d9")
     elements += [arrow(190, top + 55, 230, top + 55), arrow(530, top + 55, 570, top + 55),
                  text(550, top + 130, f"{num_image} tokens x {clip_width}", 11, "middle")]
     middle = 240  # the prompt: the projected patches written over the <image> placeholders
@@ -222,9 +209,7 @@ def architecture_svg():
             ("system", len(SYSTEM_TOKENS), "<s> USER:", 120),
             ("image", num_image, f"{num_image} x <image>, replaced by the patches", 580),
             ("instruction", len(QUESTION_TOKENS), "question ASSISTANT:", 120)):
-        elements += [rect(x, middle, width, 40, fill=CLASS_COLORS[name], stroke="white"),
-                     text(x + width / 2, middle + 17, f"{count} {name}", 12, "middle",
-                          fill="white", font_weight="bold"),
+        elements += [*token_box(x, middle, width, f"{count} {name}", name, height=40),
                      text(x + width / 2, middle + 32, label, 10, "middle", fill="white")]
         x += width
     bottom, full = 330, 90  # the decoder: a bar's height is the number of tokens its layers run on
@@ -245,17 +230,15 @@ def architecture_svg():
                  rect(170, bottom, 130, full, fill="#fff3cd", stroke=RED, stroke_width=2),
                  *lines_of_text(235, bottom + 18, fastv_step, 11, 14, anchor="middle"),
                  rect(300, bottom + full - cut, 420, cut, fill="#dbe8f5"),
-                 *lines_of_text(510, bottom + full - cut + 20,
-                                [f"layers {k}-{last}: {num_kept} tokens",
-                                 f"({num_kept_image} image tokens, every text token)"],
-                                12, anchor="middle"),
+                 *lines_of_text(510, bottom + full - cut + 20, [
+                     f"layers {k}-{text_config.num_hidden_layers - 1}: {num_kept} tokens",
+                     f"({num_kept_image} image tokens, every text token)"], 12, anchor="middle"),
                  arrow(720, bottom + 65, 760, bottom + 65),
                  *box(760, bottom + 20, 170, 70, "next-token logits",
                       [f"{text_config.vocab_size} scores", "(lm_head, last token)"], "#f2f2f2"),
-                 text(20, bottom + 112,
-                      f"Llama decoder (Vicuna-7B): {text_config.num_hidden_layers} layers, "
-                      f"{text_width} wide, {text_config.num_attention_heads} heads of "
-                      f"{text_config.head_dim}; "
+                 text(20, bottom + 112, "Llama decoder (Vicuna-7B): "
+                      f"{text_config.num_hidden_layers} layers, {text_width} wide, "
+                      f"{text_config.num_attention_heads} heads of {text_config.head_dim}; "
                       "a bar's height is the number of tokens its layers see", 12)]
     return document(950, 460, "LLaVA-1.5-7B with FastV: image to CLIP to projector to decoder",
                     elements)
@@ -266,31 +249,26 @@ def architecture_svg():
 
 
 def patch_grid_svg():
-    config = config_by_name(MODEL)
-    vision, num_image = config.vision, config.image_tokens_per_image
+    vision, num_image = CONFIG.vision, CONFIG.image_tokens_per_image
     grid, size, patch = vision.grid_size, vision.image_size, vision.patch_size
     first, num_tokens = len(SYSTEM_TOKENS), prompt_length(num_image)
     cell, left, top = 18, 20, 104
     side, shades = grid * cell, (ORANGE, LIGHT_COLORS["image"])  # rows alternate two shades
     elements = [
-        text(left, 26, f"A {size} x {size} px image becomes {num_image} tokens: {grid} x {grid} "
-                       f"patches of {patch} x {patch} px, numbered in reading order", 15,
-             font_weight="bold"),
-        *lines_of_text(left, 46, [
+        *heading(f"A {size} x {size} px image becomes {num_image} tokens: {grid} x {grid} patches "
+                 f"of {patch} x {patch} px, numbered in reading order", [
             f"CLIP ViT-L/{patch}'s patch embedding cuts the image into {patch} x {patch} px "
             f"squares: {size} / {patch} = {grid} per side, {grid} x {grid} = {num_image} tokens.",
             f"flatten(2) reads them row by row: patch i sits in row i // {grid}, column i % "
-            f"{grid}, and at position {first} + i of the prompt."], 12),
+            f"{grid}, and at position {first} + i of the prompt."]),
         text(left, top - 8, f"the image, {size} x {size} px, one square per {patch} x {patch} "
                             "px patch", 12),
         *grid_of_cells(left, top, cell, [[shades[row % 2]] * grid for row in range(grid)]),
         *(line(left + i * cell, top, left + i * cell, top + side, "white", stroke_width=0.6)
           for i in range(1, grid)),
-        rect(left, top, side, side)]
-    for patch_index in range(num_image):
-        row, column = divmod(patch_index, grid)
-        elements.append(text(left + (column + 0.5) * cell, top + (row + 0.5) * cell + 2.5,
-                             str(patch_index), 6.5, "middle"))
+        rect(left, top, side, side),
+        *(text(left + (i % grid + 0.5) * cell, top + (i // grid + 0.5) * cell + 2.5, str(i), 6.5,
+               "middle") for i in range(num_image))]
     for row in range(grid):  # where each row of the image goes in the prompt
         start = row * grid
         elements.append(text(left + side + 14, top + (row + 0.5) * cell + 4,
@@ -326,23 +304,24 @@ def patch_grid_svg():
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. A toy model that runs for real: the sequence before and after pruning, the causal mask, and
-# the KV cache's slots.
+# 3. A toy model that runs for real: the prompt before and after pruning, the mask, the KV cache.
 
 TOY_GRID, TOY_SEED = 4, 0  # a 4 x 4 image: 16 image tokens instead of 576, so that every box fits
+# the toy prompt's tokens as the figures write them: the pieces, p0 .. p15 for the patches
+TOY_LABELS = [piece.replace("<0x0A>", "\\n") for piece in
+              (*SYSTEM_TOKENS, *(f"p{patch}" for patch in range(TOY_GRID**2)), *QUESTION_TOKENS)]
 
 
 def toy_llava():
     """A random LLaVA with a TOY_GRID x TOY_GRID patch image and a small 4-layer decoder: FastV runs
     for real on it. Its weights are drawn here (normal, std 0.08; biases 0), not by torch's
     initializers, so they never change."""
-    config = LlavaConfig(
+    model = Llava(LlavaConfig(
         text=TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                         num_attention_heads=4, max_position_embeddings=64),
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, image_size=14 * TOY_GRID, patch_size=14),
-        image_token_id=63, pad_token_id=62)
-    model = Llava(config).eval()
+        image_token_id=63, pad_token_id=62)).eval()
     generator = torch.Generator().manual_seed(TOY_SEED)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -354,54 +333,35 @@ def toy_llava():
     return model
 
 
-def toy_prompt(config):
-    """The toy's input_ids (1, T), laid out like SYSTEM_TOKENS, the image, QUESTION_TOKENS, and its
-    pixel_values."""
-    # any text ids: the weights are random
-    words = list(range(1, len(SYSTEM_TOKENS) + len(QUESTION_TOKENS) + 1))
-    image = [config.image_token_id] * config.image_tokens_per_image
-    input_ids = torch.tensor([words[:len(SYSTEM_TOKENS)] + image + words[len(SYSTEM_TOKENS):]])
-    size = config.vision.image_size
-    generator = torch.Generator().manual_seed(TOY_SEED)
-    return input_ids, torch.randn(1, 3, size, size, generator=generator)
-
-
-def toy_labels():
-    """The toy prompt's tokens as the figures write them: the pieces, p0 .. p15 for the patches."""
-    pieces = (*SYSTEM_TOKENS, *(f"p{patch}" for patch in range(TOY_GRID**2)), *QUESTION_TOKENS)
-    return [piece.replace("<0x0A>", "\\n") for piece in pieces]
-
-
 @torch.inference_mode()
-def toy_prefill(fastv, room=1):
-    """A prefill of the toy prompt into a real KVCache (model.new_cache, `room` slots for the
-    answer): the cache, and per decoder layer the position ids of the tokens it ran on, in the
-    order it stored them in its slots, read with the model's `observe` hook."""
+def toy_prefill(fastv):
+    """A prefill of the toy prompt (laid out as prompt_kinds says; random pixels) into a real
+    KVCache (model.new_cache, with room for one answer token): the cache, and per decoder layer the
+    position ids of the tokens it ran on, in the order it stored them in its slots, read with the
+    model's `observe` hook."""
     model = toy_llava()
-    input_ids, pixel_values = toy_prompt(model.config)
-    cache = model.new_cache(input_ids, fastv, room=room)
-    positions = {}  # {layer: [position of each token it ran on]}
-
-    def observe(view):
-        positions[view.index] = view.positions[0].tolist()
-
-    model(input_ids, pixel_values, cache=cache, fastv=fastv, last_logits_only=True,
-          observe=observe)
-    return cache, [positions[layer] for layer in sorted(positions)]
+    config, words = model.config, itertools.count(1)  # any text ids: the weights are random
+    input_ids = torch.tensor([[config.image_token_id if kind == "image" else next(words)
+                               for kind in prompt_kinds(config.image_tokens_per_image)]])
+    size, generator = config.vision.image_size, torch.Generator().manual_seed(TOY_SEED)
+    cache = model.new_cache(input_ids, fastv, room=1)
+    positions = []  # per layer, in order: [position of each token it ran on]
+    model(input_ids, torch.randn(1, 3, size, size, generator=generator), cache=cache, fastv=fastv,
+          observe=lambda view: positions.append(view.positions[0].tolist()))
+    return cache, positions
 
 
 def pruning_sequence_svg():
     fastv, num_image = FastV(), TOY_GRID**2
     _, positions = toy_prefill(fastv)
     before, after = positions[0], positions[fastv.k]
-    labels, kinds = toy_labels(), prompt_kinds(num_image)
-    real_image = config_by_name(MODEL).image_tokens_per_image
+    kinds, real_image = prompt_kinds(num_image), CONFIG.image_tokens_per_image
     step, left = 30, 20
-    elements = [text(left, 26, f"FastV (K={fastv.k}, R={fastv.r:g}) on a toy prompt: every token "
-                               "keeps its ORIGINAL position id", 15, font_weight="bold"),
-                text(left, 46, f"LLaVA-1.5's prompt with a {TOY_GRID} x {TOY_GRID}-patch image "
-                               f"({num_image} image tokens instead of {real_image}): numbers in "
-                               "the boxes are the position ids, under them the token", 12)]
+    elements = heading(f"FastV (K={fastv.k}, R={fastv.r:g}) on a toy prompt: every token keeps "
+                       "its ORIGINAL position id", [
+        f"LLaVA-1.5's prompt with a {TOY_GRID} x {TOY_GRID}-patch image ({num_image} image tokens "
+        f"instead of {real_image}): numbers in the boxes are the position ids, under them the "
+        "token"])
     for y, title, positions in (
             (90, f"layers 0-{fastv.k - 1}: all {len(before)} tokens", before),
             (190, f"layers {fastv.k}-: {len(after)} tokens, gaps where image tokens were dropped",
@@ -409,12 +369,12 @@ def pruning_sequence_svg():
         elements.append(text(left, y - 10, title, 12, font_weight="bold"))
         for position in positions:
             elements += token_box(left + position * step, y, step - 4, str(position),
-                                  kinds[position], labels[position])
+                                  kinds[position], TOY_LABELS[position])
         for position in sorted(set(before) - set(positions)):
             elements.append(rect(left + position * step, y, step - 4, 26, stroke=GREY,
                                  stroke_dasharray="3,3"))
     elements += lines_of_text(left, 270, [
-        f"Which {round(num_image * (1 - fastv.r))} image tokens survive is decided by fastv_rule "
+        f"Which {fastv.num_keep(num_image)} image tokens survive is decided by fastv_rule "
         "on a toy model with random weights (model.py's forward, recorded);",
         "the position ids are the ones Llava.forward passes to RoPE before and after the cut. "
         "Renumbering the survivors 0, 1, 2, ... would show layer K",
@@ -435,35 +395,31 @@ def causal_mask(num_image):
 def patch_voters(num_image):
     """How many image rows and how many question rows of the mask see the first (top-left) and
     the last (bottom-right) patch: [(image rows, question rows), (...)]."""
-    seen_by, kinds = causal_mask(num_image), prompt_kinds(num_image)
-    first = len(SYSTEM_TOKENS)
+    seen_by, kinds, first = causal_mask(num_image), prompt_kinds(num_image), len(SYSTEM_TOKENS)
     return [tuple(sum(seen_by[row, column].item() for row, kind in enumerate(kinds) if kind == want)
                   for want in ("image", "instruction"))
             for column in (first, first + num_image - 1)]
 
 
 def causal_votes_svg():
-    num_image, real_image = TOY_GRID**2, config_by_name(MODEL).image_tokens_per_image
-    seen_by, kinds, labels = causal_mask(num_image), prompt_kinds(num_image), toy_labels()
-    first = len(SYSTEM_TOKENS)
+    num_image, real_image = TOY_GRID**2, CONFIG.image_tokens_per_image
+    seen_by, kinds, first = causal_mask(num_image), prompt_kinds(num_image), len(SYSTEM_TOKENS)
     num_tokens, last_patch = len(kinds), first + num_image - 1
     cell, left, top = 14, 70, 150
     side = num_tokens * cell
     colors = [[LIGHT_COLORS[kinds[key]] if seen else "white" for key, seen in enumerate(row)]
               for row in seen_by.tolist()]
     elements = [
-        text(20, 26, "The causal mask of a toy prompt: which tokens can vote for a patch, and "
-                     "FastV's one vote", 15, font_weight="bold"),
-        *lines_of_text(20, 46, [f"LLaVA-1.5's prompt with a {TOY_GRID} x {TOY_GRID}-patch image "
-                                f"({num_image} image tokens instead of {real_image}), one row and "
-                                "one column per token;",
-                                "drawn from model.visible_keys, the mask attention_rows applies"],
-                       12),
+        *heading("The causal mask of a toy prompt: which tokens can vote for a patch, and FastV's "
+                 "one vote", [f"LLaVA-1.5's prompt with a {TOY_GRID} x {TOY_GRID}-patch image "
+                              f"({num_image} image tokens instead of {real_image}), one row and "
+                              "one column per token;",
+                              "drawn from model.visible_keys, the mask attention_rows applies"]),
         text(left + side / 2, top - 52, "keys (columns): the token attended to", 11, "middle"),
         text(16, top + side / 2, "queries (rows)", 11, "middle",
              transform=f"rotate(-90 16 {number(top + side / 2)})"),
         *grid_of_cells(left, top, cell, colors), rect(left, top, side, side)]
-    for index, label in enumerate(labels):  # row labels left, column labels above, turned
+    for index, label in enumerate(TOY_LABELS):  # row labels left, column labels above, turned
         x, y = left + (index + 0.5) * cell, top + (index + 0.5) * cell
         elements += [text(left - 4, y + 3, label, 8, "end"),
                      text(x + 3, top - 4, label, 8, transform=f"rotate(-90 {number(x + 3)} "
@@ -472,7 +428,7 @@ def causal_votes_svg():
         at = boundary * cell
         elements += [line(left + at, top, left + at, top + side, GREY),
                      line(left, top + at, left + side, top + at, GREY)]
-    elements += [rect(left + column * cell, top, cell, side, stroke="black", stroke_width=2,
+    elements += [rect(left + column * cell, top, cell, side, stroke_width=2,
                       stroke_dasharray="4 2") for column in (first, last_patch)]
     elements.append(rect(left, top + side - cell, side, cell, stroke=RED, stroke_width=2.5))
     (top_image, top_text), (bottom_image, bottom_text) = patch_voters(num_image)
@@ -486,9 +442,9 @@ def causal_votes_svg():
         "FastV's vote (red): the LAST row only, the last prompt",
         "token's attention in layer K-1. It sees every patch."], 11, fill=RED)
     elements += lines_of_text(notes, top + 120, [
-        f"Dashed: {labels[first]}, the top-left patch, first in the sequence:",
+        f"Dashed: {TOY_LABELS[first]}, the top-left patch, first in the sequence:",
         f"{top_image} image rows and {top_text} question rows see it.",
-        f"{labels[last_patch]}, the bottom-right patch, last in the sequence:",
+        f"{TOY_LABELS[last_patch]}, the bottom-right patch, last in the sequence:",
         f"{bottom_image} image row (its own) and the same {bottom_text} question rows.",
         f"The {first} system rows come before the image: they see no",
         "patch. Every question row sees every patch."], 11)
@@ -503,23 +459,22 @@ def causal_votes_svg():
 
 def cache_slots_svg():
     fastv, num_image = FastV(), TOY_GRID**2
-    cache, positions = toy_prefill(fastv, room=1)
+    cache, positions = toy_prefill(fastv)
     kinds, k, last_layer = prompt_kinds(num_image), fastv.k, len(positions) - 1
     step, left, top, pitch = 26, 120, 110, 56  # pitch: from one layer's row to the next
     slots = [keys.shape[2] for keys in cache.keys]  # each layer's capacity: prompt and room
     written = [int(cache.length[group]) for group in cache.group]  # the next token's slot
     kept = (cache.kept_image_tokens[0] + len(SYSTEM_TOKENS)).tolist()
-    real = config_by_name(MODEL)
-    real_image = real.image_tokens_per_image
+    real_image = CONFIG.image_tokens_per_image
     real_tokens = prompt_length(real_image)
     elements = [
-        text(20, 26, f"The KV cache after a prefill with FastV (K={k}, R={fastv.r:g}): a slot is "
-                     "not a position", 15, font_weight="bold"),
-        text(20, 46, f"Measured on the toy ({TOY_GRID} x {TOY_GRID}-patch image, "
-                     f"{len(positions)} decoder layers): model.new_cache(input_ids, FastV(), "
-                     "room=1), then a prefill into it; in each slot the position id", 12),
-        text(20, 62, "of the token it holds (LayerView.positions, from the observe hook); slots "
-                     "left to right, 0 first. Red line: a gap in the position ids.", 12),
+        *heading(f"The KV cache after a prefill with FastV (K={k}, R={fastv.r:g}): a slot is not a "
+                 "position", [
+            f"Measured on the toy ({TOY_GRID} x {TOY_GRID}-patch image, {len(positions)} decoder "
+            "layers): model.new_cache(input_ids, FastV(), room=1), then a prefill into it; in each "
+            "slot the position id",
+            "of the token it holds (LayerView.positions, from the observe hook); slots left to "
+            "right, 0 first. Red line: a gap in the position ids."]),
         text(left - 10, top - 12, "slot", 10, "end", fill=GREY),
         *(text(left + slot * step + (step - 4) / 2, top - 12, str(slot), 10, "middle", fill=GREY)
           for slot in range(max(slots)))]
@@ -546,7 +501,7 @@ def cache_slots_svg():
         f"goes to slot {written[0]} in layers 0-{k - 1} and to slot {written[-1]} in layers "
         f"{k}-{last_layer}.",
         f"In LLaVA-1.5-7B with one image ({real_tokens} tokens): layers 0-{k - 1} hold "
-        f"{real_tokens} slots, layers {k}-{real.text.num_hidden_layers - 1} hold "
+        f"{real_tokens} slots, layers {k}-{CONFIG.text.num_hidden_layers - 1} hold "
         f"{kept_tokens(real_tokens, real_image, fastv.r)}, each with room for the answer."], 11)
     return document(left + max(slots) * step + 20, top + len(positions) * pitch + 82,
                     "The KV cache's slots after FastV, each with its position id", elements)
@@ -566,32 +521,23 @@ def rope_similarity(distance, text_config):
     return sum(math.cos(distance * frequency) for frequency in frequencies) / pairs
 
 
-def image_distances(num_image, grid):
-    """[row][column]: how many positions image patch (row, column) sits before the last token of
-    the LLaVA prompt."""
-    last = prompt_length(num_image) - 1
-    return [[last - (len(SYSTEM_TOKENS) + row * grid + column) for column in range(grid)]
-            for row in range(grid)]
-
-
 def rope_decay_svg():
-    config = config_by_name(MODEL)
-    text_config, grid = config.text, config.vision.grid_size
-    num_image, head_dim = config.image_tokens_per_image, config.text.head_dim
-    distances = image_distances(num_image, grid)
+    text_config, num_image = CONFIG.text, CONFIG.image_tokens_per_image
+    grid, head_dim = CONFIG.vision.grid_size, text_config.head_dim
+    # distances[row][column]: how many positions patch (row, column) sits before the last token
+    last = prompt_length(num_image) - 1 - len(SYSTEM_TOKENS)  # the last token, from patch 0
+    distances = [[last - row * grid - column for column in range(grid)] for row in range(grid)]
     nearest, farthest, max_distance = distances[-1][-1], distances[0][0], 640
     left, top, width, height = 70, 90, 800, 300
     x_of = lambda distance: left + distance / max_distance * width  # data to pixels
     y_of = lambda value: top + (1 - value) / 1.2 * height  # the y axis runs from -0.2 to 1
     curve = [(x_of(d), y_of(rope_similarity(d, text_config))) for d in range(max_distance + 1)]
     elements = [
-        text(20, 24, "RoPE turns a key away from the query the further back it sits", 15,
-             font_weight="bold"),
-        *lines_of_text(20, 44, [f"Llama's head_dim {head_dim}, rope_theta "
-                                f"{text_config.rope_theta:g}. Plotted: the mean over the "
-                                f"{head_dim // 2} frequency pairs of cos(distance x frequency),",
-                                "RoPE's factor on q . k when the query and the key are one and the "
-                                "same vector (of ones)."]),
+        *heading("RoPE turns a key away from the query the further back it sits", [
+            f"Llama's head_dim {head_dim}, rope_theta {text_config.rope_theta:g}. Plotted: the "
+            f"mean over the {head_dim // 2} frequency pairs of cos(distance x frequency),",
+            "RoPE's factor on q . k when the query and the key are one and the same vector (of "
+            "ones)."], y=24),
         rect(x_of(nearest), top, x_of(farthest) - x_of(nearest), height, fill=ORANGE,
              fill_opacity=0.15, stroke="none"),
         text(x_of((nearest + farthest) / 2), top + 16,
@@ -601,13 +547,12 @@ def rope_decay_svg():
               [(x_of(distance), str(distance)) for distance in range(0, max_distance + 1, 100)],
               "distance from the last prompt token (positions)"),
         polyline(curve, BLUE, stroke_width=1.5)]
+    middles = [sum(row) / grid for row in distances]  # a dot per image row, at its mean distance
     row_means = [sum(rope_similarity(d, text_config) for d in row) / grid for row in distances]
-    for row, mean in enumerate(row_means):  # one dot per image row, at its middle distance
-        elements.append(circle(x_of(sum(distances[row]) / grid), y_of(mean), 3.5, RED))
-    # labels above and below the curve
-    for row, anchor, value in ((grid - 1, "start", 0.68), (0, "end", 0.08)):
+    elements += [dot(x_of(middle), y_of(mean), RED) for middle, mean in zip(middles, row_means)]
+    for row, anchor, value in ((grid - 1, "start", 0.68), (0, "end", 0.08)):  # above, below
         where = "bottom row, nearest the question" if row else "top row, farthest"
-        elements.append(text(x_of(sum(distances[row]) / grid), y_of(value),
+        elements.append(text(x_of(middles[row]), y_of(value),
                              f"{where}: mean {row_means[row]:.2f}", 11, anchor, fill=RED))
     elements += lines_of_text(20, top + height + 62, [
         f"Blue: every distance. Red: the mean over each of the {grid} rows of the {grid} x {grid} "
@@ -631,8 +576,7 @@ def by_r(table):
 
 
 def time_ratios(prefill_ms, baseline="no_fastv"):
-    """{R: prefill time of the baseline setting (without FastV) / with FastV at R}, at the R values
-    the table measured."""
+    """{R: prefill time at the baseline (no FastV) / at R}, at the R values the table measured."""
     return {r: prefill_ms[baseline] / ms for r, ms in by_r(prefill_ms).items()}
 
 
@@ -647,7 +591,7 @@ def read_bench(path):
     return results
 
 
-def ratio_chart(left, top, width, height, series, x_label):
+def ratio_chart(left, top, width, height, series, k):
     """Axes from 0x to the next half above the data, then a line per series through the R values
     it has, and no other (nothing assumed in between). series: [(name, color, dashes, {R: value},
     dy)]: each value written dy px below its point (dy None: the last one only, to its right)."""
@@ -657,13 +601,14 @@ def ratio_chart(left, top, width, height, series, x_label):
     y_of = lambda value: top + (1 - value / top_value) * height
     elements = axes(left, top, width, height,
                     [(y_of(step / 2), f"{step / 2:g}x") for step in range(int(top_value * 2) + 1)],
-                    [(x_of(r), f"{r:g}") for r in rs], x_label)
+                    [(x_of(r), f"{r:g}") for r in rs],
+                    f"R, the share of image tokens dropped at layer {k}")
     legend_y, end_ys = top + 20, []  # end_ys: the y of each end value written so far
     for name, color, dashes, values, dy in series:
         style = {"stroke_dasharray": dashes} if dashes else {}
         points = [(x_of(r), y_of(value), value) for r, value in sorted(values.items())]
         elements.append(polyline([point[:2] for point in points], color, stroke_width=2, **style))
-        elements += [circle(x, y, 3.5, color) for x, y, _ in points]
+        elements += [dot(x, y, color) for x, y, _ in points]
         for x, y, value in points if dy is not None else points[-1:]:
             x, y, anchor = (x, y + dy, "middle") if dy is not None else (x + 8, y + 4, "start")
             while dy is None and any(abs(y - other) < 11 for other in end_ys):
@@ -697,23 +642,19 @@ def flops_and_time_svg(bench_path=BENCH_JSON):
     results = read_bench(bench_path)
     prefill_ms, k = results["prefill_ms"], first_pruned_layer(results)
     left, top, width, height = 80, 90, 560, 280
-    # "machine" and "torch" were added to the bench's JSON by hand
-    machine = results.get("machine", results["device"])
-    torch_version = f", torch {results['torch']}" if "torch" in results else ""
     elements = [
-        text(20, 26, f"FastV (K={k}), {results['device']}: the prefill's measured speed-up "
-                     "against R, and the FLOPs' prediction", 15, font_weight="bold"),
-        *lines_of_text(20, 46, [
-            f"{Path(bench_path).name}, measured on {machine}: device {results['device']}, "
-            f"{results['dtype']}{torch_version}",
+        *heading(f"FastV (K={k}), {results['device']}: the prefill's measured speed-up against R, "
+                 "and the FLOPs' prediction", [
+            f"{Path(bench_path).name}, measured on {results['machine']}: device "
+            f"{results['device']}, {results['dtype']}, torch {results['torch']}",
             f"median of {results['repeats']} prefills per setting; model: {results['model']} "
             f"(python -m minifastv.bench), {results['prompt_tokens']} prompt tokens, "
-            f"{results['image_tokens']} of them image"], 12),
+            f"{results['image_tokens']} of them image"]),
         *ratio_chart(left, top, width, height, [
             ("predicted: computed from\nthe exact FLOPs count", BLUE, None,
              by_r(results["predicted_speedup"]), -10),
             ("measured: prefill time\nwithout FastV / with", RED, None, time_ratios(prefill_ms),
-             18)], f"R, the share of image tokens dropped at layer {k}")]
+             18)], k)]
     elements += lines_of_text(left + width + 30, top + 110, [
         "measured prefill times:", f"without FastV: {prefill_ms['no_fastv']:.0f} ms",
         *(f"R={r:g}: {ms:.0f} ms" for r, ms in by_r(prefill_ms).items()),
@@ -724,8 +665,7 @@ def flops_and_time_svg(bench_path=BENCH_JSON):
                     "Predicted and measured prefill speed-up against R", elements)
 
 
-GPU_BENCH_JSONS = {"eager": FIGURES / "bench-h200-eager.json",
-                   "compiled": FIGURES / "bench-h200-compiled.json"}
+GPU_BENCH_JSONS = {mode: FIGURES / f"bench-h200-{mode}.json" for mode in ("eager", "compiled")}
 
 
 def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
@@ -747,15 +687,13 @@ def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
             notes += slow_unpruned_notes(name, timings, k)
             if mode == "compiled" and batch == "1":  # the bench of 2026-11-26 timed it uncompiled:
                 name += "\n(timed uncompiled)"  # drop this with the next run's JSON
-            name += ("\ntime at R=0 / time at R" if baseline != "no_fastv"
-                     else "\ntime without FastV / time at R")
+            name += f"\ntime {'without FastV' if baseline == 'no_fastv' else 'at R=0'} / time at R"
             series.append((name, color, dashes, time_ratios(timings, baseline), None))
     top, height = 160, 280
     decode = {mode: runs[mode]["decode_tokens_per_s"]["no_fastv"] for mode in runs}
     elements = [
-        text(20, 26, f"FLOPs are not time: the prefill on an {eager['device']} against the FLOPs' "
-                     "prediction, batch 1 and 8", 15, font_weight="bold"),
-        *lines_of_text(20, 46, [
+        *heading(f"FLOPs are not time: the prefill on an {eager['device']} against the FLOPs' "
+                 "prediction, batch 1 and 8", [
             f"Measured on an {eager['device']} ({eager['machine']}), {eager['dtype']}, torch "
             f"{eager['torch']}, median of {eager['repeats']}:",
             f"python -m minifastv.bench --model {eager['model']} [--compile], random weights in "
@@ -763,9 +701,8 @@ def gpu_time_svg(bench_paths=GPU_BENCH_JSONS):
             f"K={k}.",
             "Plotted, only at the R values each run measured: batch 1, prefill time at R=0 "
             "(scores, drops nothing) / at R; batch 8 (no R=0 run), without FastV / at R.",
-            f"Without FastV: {'; '.join(unpruned)}.", f"At R=0: {'; '.join(at_r0)}."], 12),
-        *ratio_chart(80, top, 560, height, series, f"R, the share of image tokens dropped at "
-                                                   f"layer {k}"),
+            f"Without FastV: {'; '.join(unpruned)}.", f"At R=0: {'; '.join(at_r0)}."]),
+        *ratio_chart(80, top, 560, height, series, k),
         *lines_of_text(20, top + height + 70, [
             *notes, f"Decode, batch 1, measured: eager {decode['eager']:.0f}, compiled "
                     f"{decode['compiled']:.0f} tokens/s; its floor, computed (weight bytes / "
@@ -782,9 +719,8 @@ RULES = {"FastV (last-token attention)": fastv_rule, "FastV without RoPE": no_ro
 
 
 def saliency_map(grid):
-    """A made-up "object": a bright blob above the centre of the image on a dim background,
-    (grid, grid) float64. Its centre is off the grid's axes of symmetry, so that no two patches
-    tie."""
+    """A made-up "object", (grid, grid) float64: a bright blob above the centre on a dim background,
+    off the grid's axes of symmetry so that no two patches tie."""
     rows = torch.arange(grid, dtype=torch.float64)[:, None] / grid
     columns = torch.arange(grid, dtype=torch.float64)[None, :] / grid
     return 0.25 + 0.75 * torch.exp(-((rows - 0.33) ** 2) / 0.03 - ((columns - 0.52) ** 2) / 0.05)
@@ -797,20 +733,18 @@ def synthetic_pruning_inputs(config, fastv):
     saliency before RoPE, and RoPE adds its decay."""
     grid, num_image, head_dim = (config.vision.grid_size, config.image_tokens_per_image,
                                  config.text.head_dim)
-    num_tokens = prompt_length(num_image)
-    first = len(SYSTEM_TOKENS)
+    num_tokens, first = prompt_length(num_image), len(SYSTEM_TOKENS)
     image_positions = torch.arange(first, first + num_image)[None]  # (1, N)
     raw_queries = torch.ones(1, 1, num_tokens, head_dim)  # (B, H, T, D): one head
     raw_keys = torch.zeros(1, 1, num_tokens, head_dim)
     raw_keys[0, 0, image_positions[0]] = saliency_map(grid).flatten().float()[:, None]  # (N, D)
-    cos_table, sin_table = rope_tables(config.text, "cpu")
     # (B, 1, T, D): the angles of positions 0 .. T-1
-    cos, sin = cos_table[None, None, :num_tokens], sin_table[None, None, :num_tokens]
+    cos, sin = (table[None, None, :num_tokens] for table in rope_tables(config.text, "cpu"))
     queries, keys = apply_rope(raw_queries, cos, sin), apply_rope(raw_keys, cos, sin)
     every_token = torch.ones(1, num_tokens, dtype=torch.long)
     return PruningInputs(
         last_token_attention=attention_rows(queries, keys, every_token)[:, :, -1],
-        image_positions=image_positions, num_keep=round(num_image * (1 - fastv.r)),
+        image_positions=image_positions, num_keep=fastv.num_keep(num_image),
         grid_size=grid, is_video=torch.zeros(1, num_image, dtype=torch.bool),
         frame=torch.zeros(1, num_image, dtype=torch.long), patch=torch.arange(num_image)[None],
         hidden_states=None, queries=queries, keys=keys, cos=cos, sin=sin,
@@ -818,37 +752,29 @@ def synthetic_pruning_inputs(config, fastv):
 
 
 def kept_by_rule(fastv):
-    """{rule's title in RULES: (grid, grid) bool, True where the rule keeps the patch}: minifastv's
-    four rules on the inputs above."""
-    config = config_by_name(MODEL)
-    inputs, grid = synthetic_pruning_inputs(config, fastv), config.vision.grid_size
+    """{title in RULES: (grid, grid) bool, True where the rule keeps the patch}, on those inputs."""
+    inputs, grid = synthetic_pruning_inputs(CONFIG, fastv), CONFIG.vision.grid_size
     kept = {}
     for title, rule in RULES.items():
-        # random_rule draws from torch's global generator: seed it, then put it back
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            keep = rule(inputs)[0]
         is_kept = torch.zeros(grid * grid, dtype=torch.bool)
-        is_kept[keep] = True
+        with torch.random.fork_rng():  # random_rule draws from torch's global generator: seed it
+            torch.manual_seed(0)
+            is_kept[rule(inputs)[0]] = True
         kept[title] = is_kept.view(grid, grid)
     return kept
 
 
 def kept_patches_svg():
-    fastv, grid = FastV(), config_by_name(MODEL).vision.grid_size
+    fastv, grid = FastV(), CONFIG.vision.grid_size
     cell, gap, left, top = 7, 36, 20, 90
     side, half = cell * grid, grid // 2
-    kept = kept_by_rule(fastv)
-    panels = [("saliency (made up)", None)] + list(kept.items())
-    elements = [
-        text(left, 26, f"Which of the {grid} x {grid} patches each rule keeps at R={fastv.r:g} "
-                       "(kept: orange, dropped: dark)", 15, font_weight="bold"),
-        *lines_of_text(left, 46, ["SYNTHETIC, not the 7B model: the last token's query is a "
-                                  "vector of ones, each image key that vector times the made-up "
-                                  "saliency (left);",
-                                  "RoPE at the real positions of LLaVA-1.5's prompt. The rules are "
-                                  "minifastv's own (model.py, rules.py), run on these queries and "
-                                  "keys."])]
+    panels = [("saliency (made up)", None), *kept_by_rule(fastv).items()]
+    elements = heading(f"Which of the {grid} x {grid} patches each rule keeps at R={fastv.r:g} "
+                       "(kept: orange, dropped: dark)", [
+        "SYNTHETIC, not the 7B model: the last token's query is a vector of ones, each image key "
+        "that vector times the made-up saliency (left);",
+        "RoPE at the real positions of LLaVA-1.5's prompt. The rules are minifastv's own "
+        "(model.py, rules.py), run on these queries and keys."])
     for index, (name, is_kept) in enumerate(panels):
         x0 = left + index * (side + gap)
         if is_kept is None:  # bright: salient, in 16 shades of grey
@@ -856,15 +782,14 @@ def kept_patches_svg():
             colors = [[f"rgb({shade},{shade},{shade})" for shade in row] for row in shades]
             subtitles = ["bright: salient"]
         else:
-            colors = [[ORANGE if keeps else "#333333" for keeps in row]
-                      for row in is_kept.tolist()]
+            colors = [[ORANGE if keeps else "#333333" for keeps in row] for row in is_kept.tolist()]
             subtitles = [f"{int(is_kept.sum())} of {grid * grid} kept:",
                          f"top half {int(is_kept[:half].sum())}, bottom half "
                          f"{int(is_kept[half:].sum())}"]
         elements += [text(x0, top - 6, name, 11, font_weight="bold"),
                      *grid_of_cells(x0, top, cell, colors),
                      rect(x0, top, side, side), *lines_of_text(x0, top + side + 16, subtitles, 11)]
-    (fastv_name, with_rope), (no_rope_name, without_rope) = list(kept.items())[:2]
+    (fastv_name, with_rope), (no_rope_name, without_rope) = panels[1:3]
     extra_rows = (with_rope & ~without_rope).nonzero()[:, 0]
     elements += lines_of_text(left, top + side + 60, [
         f"{fastv_name} keeps {int(with_rope[half:].sum())} of its {int(with_rope.sum())} patches "
@@ -883,7 +808,7 @@ def kept_patches_svg():
 # The command line.
 
 
-def parse_args(argv):
+def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minifastv.figures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(FIGURES),
@@ -892,11 +817,7 @@ def parse_args(argv):
                         help="the bench's JSON for flops_and_time.svg (default: "
                              "minifastv/assets/figures/bench-cpu.json)")
     cli.add_version_argument(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     # first: a bad --bench is refused before anything is written
     flops_and_time = flops_and_time_svg(args.bench)
     cli.check_output(args.out, "--out", folder=True)

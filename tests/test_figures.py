@@ -71,13 +71,9 @@ def regenerated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_cache():
-    """The toy model's KV cache after a prefill with FastV(2, 0.5) and room for one more token, run
-    here (not with figures.toy_prefill), and the positions of the image tokens it kept."""
-    model = figures.toy_llava()
-    input_ids, pixel_values = figures.toy_prompt(model.config)
-    cache = model.new_cache(input_ids, FastV(2, 0.5), room=1)
-    with torch.no_grad():
-        model(input_ids, pixel_values, cache=cache, fastv=FastV(2, 0.5))
+    """The toy model's KV cache after a prefill with FastV(2, 0.5) and room for one more token, and
+    the positions of the image tokens it kept: what the cache recorded, not the observe hook."""
+    cache, _ = figures.toy_prefill(FastV(2, 0.5))
     return cache, (cache.kept_image_tokens[0] + 5).tolist()  # 5 system tokens come first
 
 
@@ -248,9 +244,7 @@ def test_the_rope_curve_is_rope_tables_and_the_image_sits_12_to_587_back():
     for distance in (0, 1, 12, 100, 587, 640):
         mean = cos[distance].double().mean().item()
         assert abs(mean - figures.rope_similarity(distance, config.text)) < 1e-5
-    distances = figures.image_distances(576, 24)
-    # the last token is 592, the image 5..580
-    assert distances[-1][-1] == 592 - 580 == 12 and distances[0][0] == 592 - 5 == 587
+    # the last token is 592, the image 5..580: patch (row, column) sits 587 - 24 * row - column back
     row_means = [cos[592 - 5 - 24 * row - torch.arange(24)].double().mean().item()
                  for row in (0, 23)]
     shown = shown_in("rope_decay.svg")
