@@ -22,12 +22,9 @@ timings are not to be trusted.
 The model: by default a random LLaVA-shaped one that fits a laptop (576 image tokens per image, a
 1024-wide 12-layer decoder, a small vision tower). `--model random-7b` or `random-13b` builds random
 weights (normal, std 0.02) in the real checkpoints' shapes directly on the device: a GPU benchmark
-without a download or a disk. `--model tiny`, a folder or a hub repo id load a checkpoint (and time
-the load). Progress goes to stderr as each measurement ends, the tables to stdout at the end.
-`--json FILE` writes every number, for a script to read; its tables are keyed by setting
-("no_fastv", "K2_R0.5": cli.setting_name). `--compile` times the compiled path
-(minifastv/compiled.py) after the warm-up runs, which compile it; run the bench with and without it
-to compare.
+without a download or a disk; a checkpoint's load is timed. Progress goes to stderr as each
+measurement ends, the tables to stdout at the end; --json's tables are keyed by setting ("no_fastv",
+"K2_R0.5": cli.setting_name). Run it with and without --compile (minifastv/compiled.py) to compare.
 """
 
 import argparse
@@ -82,12 +79,10 @@ def random_config(layers=12, width=1024, video=False):
                         max_position_embeddings=4096, rms_norm_eps=1e-5),
         vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                             num_attention_heads=4, image_size=224 if video else 336, patch_size=14),
-        video_token_id=32001 if video else None, pad_token_id=32002 if video else 32001,
-    )
+        video_token_id=32001 if video else None, pad_token_id=32002 if video else 32001)
 
 
 def random_llava(device, dtype, layers=12, width=1024, video=False):
-    """A LLaVA-shaped model with random weights in random_config's shape."""
     return random_model(random_config(layers, width, video), device, dtype)
 
 
@@ -115,12 +110,6 @@ def benchmark_prompt(config, num_text_tokens=40, video=False):
     return torch.tensor([[1] + before + visual_ids + after]), visual
 
 
-def batched(ids, visual, batch_size):
-    """The same prompt `batch_size` times: (B, T) ids and the visual input repeated."""
-    return ids.expand(batch_size, -1), {name: pixels.repeat(batch_size, *[1] * (pixels.ndim - 1))
-                                        for name, pixels in visual.items()}
-
-
 def timed(device, function):
     """Seconds `function()` takes on `device`, the device's queue drained before and after."""
     synchronize(device)
@@ -131,14 +120,7 @@ def timed(device, function):
 
 
 def progress(text):
-    """One line on stderr as the bench goes; the tables come on stdout at the end."""
     print(text, file=sys.stderr, flush=True)
-
-
-def label(name):
-    """A setting's key as people read it: "no FastV", "K=2 R=0.50"."""
-    k, r = cli.setting_of(name)
-    return "no FastV" if k is None else f"K={k} R={r:.2f}"
 
 
 def in_turns(names, repeats):
@@ -151,9 +133,14 @@ def in_turns(names, repeats):
         yield from reversed(names) if round_number % 2 else names
 
 
-def medians(runs):
-    """{setting: median} of {setting: [one value per run]}."""
-    return {name: statistics.median(values) for name, values in runs.items()}
+def medians(runs, what, unit, scale=1):
+    """{setting: median of its runs x scale}, each on stderr: "prefill, K=2 R=0.50: 21.3 ms"."""
+    results = {name: statistics.median(values) * scale for name, values in runs.items()}
+    for name, value in results.items():
+        k, r = cli.setting_of(name)
+        setting = "no FastV" if k is None else f"K={k} R={r:.2f}"
+        progress(f"{what}, {setting}: {value:.1f} {unit}")
+    return results
 
 
 @torch.inference_mode()
@@ -201,15 +188,13 @@ def baseline_check(runs, k):
 
 @torch.inference_mode()
 def peak_prefill_memory(model, ids, visual, settings):
-    """Peak GPU bytes allocated during one prefill per setting (the weights and the KV cache
-    included); None per setting off CUDA."""
+    """Peak GPU bytes allocated in one prefill per setting, weights and KV cache included."""
     if model.device.type != "cuda":
         return {name: None for name in settings}
     peaks = {}
     for name, fastv in settings.items():
-        torch.cuda.reset_peak_memory_stats(model.device)
-        cache = model.new_cache(ids, fastv)
-        model(ids, **visual, cache=cache, fastv=fastv, last_logits_only=True)
+        torch.cuda.reset_peak_memory_stats(model.device)  # the last setting's cache is freed:
+        model(ids, **visual, cache=model.new_cache(ids, fastv), fastv=fastv, last_logits_only=True)
         peaks[name] = torch.cuda.max_memory_allocated(model.device)
     return peaks
 
@@ -289,9 +274,7 @@ def device_busy(device, run):
     """(busy, wall) seconds of `run()`: how long the GPU executed kernels and copies, from
     torch.profiler's trace, and how long the run took. busy / wall near 1: the GPU is the
     bottleneck; far below: it waits for the host to launch the next kernel (profiling slows the
-    host a little, so the share comes out a little low). None off CUDA."""
-    if device.type != "cuda":
-        return None
+    host a little, so the share comes out a little low). CUDA only."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -345,8 +328,7 @@ def decode_step_bytes(model):
 
 
 def transformers_twin(model, folder=None):
-    """transformers' LLaVA or Video-LLaVA (SDPA) with the same weights, dtype and device; None
-    without transformers."""
+    """transformers' (Video-)LLaVA, SDPA, on the same weights and device; None if not installed."""
     try:
         import transformers
     except ImportError:
@@ -359,10 +341,8 @@ def transformers_twin(model, folder=None):
     config = model.config
     text = dataclasses.asdict(config.text)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
-    ids = {}
-    if video:
-        ids = dict(video_token_index=config.video_token_id,
-                   video_seq_length=config.tokens_per_video)
+    ids = (dict(video_token_index=config.video_token_id, video_seq_length=config.tokens_per_video)
+           if video else {})
     config_class = transformers.VideoLlavaConfig if video else transformers.LlavaConfig
     hf_config = config_class(
         text_config=transformers.LlamaConfig(**text),
@@ -373,19 +353,16 @@ def transformers_twin(model, folder=None):
     with torch.device(model.device):  # built in the model's dtype, where the model is
         twin = model_class._from_config(hf_config, dtype=model.dtype)
     state = {file_name(name, "transformers"): tensor for name, tensor in model.state_dict().items()}
-    # takes minifastv's tensors: its own copy is freed
-    twin.load_state_dict(state, strict=True, assign=True)
+    twin.load_state_dict(state, strict=True, assign=True)  # minifastv's tensors, not a copy
     return twin.eval()
 
 
 @torch.inference_mode()
 def compare_with_transformers(model, twin, ids, visual, repeats):
-    """Median prefill seconds and decode tokens/s of transformers on the same prompt, timed as
-    minifastv's."""
+    """Median prefill ms and decode tokens/s of transformers on the same prompt, timed as ours."""
     device = model.device
     visual = {name: pixels.to(device, model.dtype) for name, pixels in visual.items()}
     ids = ids.to(device)
-
     prefills, decodes = [], []
     for round_number in range(repeats + 1):  # round 0 warms transformers up: not counted
         prefill = timed(device, lambda: twin(input_ids=ids, **visual, logits_to_keep=1))
@@ -400,12 +377,13 @@ def compare_with_transformers(model, twin, ids, visual, repeats):
 
 
 def parse_args(argv):
+    """The flags, each checked as far as it can be without a model: a bad one is refused in one
+    sentence that names it, and names a flag the user gave, never a default."""
     parser = argparse.ArgumentParser(prog="python -m minifastv.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"{', '.join(RANDOM_MODELS)} (random weights in the real "
-                                        "shapes, built on the device), a llava-hf folder, a hub "
-                                        "repo id, or 'tiny' (default: a small random LLaVA-shaped "
-                                        "model)")
+                        "shapes, built on the device), a llava-hf folder, a hub repo id, or 'tiny' "
+                        "(default: a small random LLaVA-shaped model)")
     cli.add_device_arguments(parser)
     parser.add_argument("--k", type=int, help=f"FastV's K (default {DEFAULT_K})")
     parser.add_argument("--repeats", type=int, default=5,
@@ -414,33 +392,23 @@ def parse_args(argv):
                         help="text tokens around the image (default 40)")
     parser.add_argument("--batch", type=int, help="also time a batch of this many prompts "
                                                   "(default 8 on a GPU, none on the CPU; 0: none)")
-    parser.add_argument("--video", action="store_true",
-                        help="a video prompt (8 frames, 2,056 tokens) instead of an image: the "
-                             "random model is then Video-LLaVA-shaped, and --model must be a "
-                             "Video-LLaVA checkpoint")
+    parser.add_argument("--video", action="store_true", help="a video prompt (8 frames, 2,056 "
+                        "tokens) instead of an image: the random model is then Video-LLaVA-shaped, "
+                        "and --model must be a Video-LLaVA checkpoint")
     parser.add_argument("--layers", type=int,
                         help="decoder layers of the default random model (default 12)")
-    parser.add_argument("--width", type=int,
-                        help="decoder width of the default random model, a multiple of 64 "
-                             "(default 1024)")
-    parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the comparison with transformers (it shares minifastv's "
-                             "weights, but needs its own activations; with a checkpoint folder "
-                             "it loads a second copy)")
+    parser.add_argument("--width", type=int, help="decoder width of the default random model, a "
+                        "multiple of 64 (default 1024)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the comparison with "
+                        "transformers (it shares minifastv's weights, but needs its own "
+                        "activations; with a checkpoint folder it loads a second copy)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     cli.add_compile_argument(parser)
     cli.add_version_argument(parser)
     args = parser.parse_args(argv)
-    # Which of these were written: a message names a flag the user gave, never a default.
     args.given = {flag for flag in ("k", "layers", "width") if getattr(args, flag) is not None}
     for flag, default in (("k", DEFAULT_K), ("layers", 12), ("width", 1024)):
         setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
-    return args
-
-
-def check_arguments(args):
-    """Every argument that can be checked without a model, each refused in one sentence that names
-    its flag."""
     cli.check_fastv(args.k, 0.0)  # K >= 1
     cli.check_at_least("--repeats", args.repeats)
     cli.check_at_least("--text-tokens", args.text_tokens)
@@ -455,6 +423,7 @@ def check_arguments(args):
     cli.check_at_least("--layers", args.layers, 2)
     if args.width < 64 or args.width % 64:
         raise UsageError(f"--width must be a multiple of 64 from 64 up, got {args.width}.")
+    return args
 
 
 def check_k(args, num_layers):
@@ -472,11 +441,9 @@ def check_k(args, num_layers):
                              f"{num_layers}.")
         raise UsageError(f"{named} has {num_layers} decoder layers, too few for --k {args.k} (its "
                          f"default): give a smaller --k.")
+    where = f"{named} ({num_layers} layers)"
     if args.model is None:
-        where = f"--layers {num_layers}" if "layers" in args.given else (
-            f"the default --layers {num_layers}")
-    else:
-        where = f"{named} ({num_layers} layers)"
+        where = f"{'' if 'layers' in args.given else 'the default '}--layers {num_layers}"
     raise UsageError(f"--k must be between 1 and {num_layers - 1} for {where}, got {args.k}.")
 
 
@@ -489,8 +456,7 @@ def model_config(args):
     elif args.model in RANDOM_MODELS:
         config = config_by_name(RANDOM_MODELS[args.model])
         if args.video != (config.video_token_id is not None):
-            fix = ("random-video-7b with --video" if args.video
-                   else "--video with random-video-7b")
+            fix = "random-video-7b with --video" if args.video else "--video with random-video-7b"
             raise UsageError(f"--model {args.model} {'has no' if args.video else 'needs a'} video: "
                              f"use {fix}.")
     else:
@@ -511,37 +477,26 @@ def model_config(args):
     return config, folder
 
 
-def build_model(config, folder, device, dtype, video=False):
-    """(model, load seconds or None): random weights in config's shape, or the checkpoint in
-    folder, loaded."""
-    if folder is None:
-        return random_model(config, device, dtype), None
-    started = time.perf_counter()
-    model = cli.load_model(folder, device, dtype, towers=("video",) if video else ("image",))
-    return model, time.perf_counter() - started
-
-
 def measure(args, model, folder, load_seconds):
-    """Every number of the benchmark, as the JSON file holds them; a line on stderr as each
-    measurement ends."""
+    """Every number of the benchmark, as the JSON file holds them; a line on stderr as each ends."""
     device, config = model.device, model.config
     ids, visual = benchmark_prompt(config, args.text_tokens, args.video)
     num_tokens = ids.shape[1]
     num_image_tokens = config.tokens_per_video if args.video else config.image_tokens_per_image
-    num_videos = int(args.video)
     settings = {cli.setting_name(fastv): fastv for fastv in [None, *(FastV(args.k, r) for r in RS)]}
 
     def only(*rs):  # the settings without FastV and at these R
         return {name: fastv for name, fastv in settings.items() if fastv is None or fastv.r in rs}
 
-    unpruned = exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=num_videos)
+    unpruned = exact_prefill_flops(config, num_tokens, num_image_tokens, num_videos=int(args.video))
     predicted = {name: unpruned / exact_prefill_flops(config, num_tokens, num_image_tokens,
-                                                      *cli.setting_of(name), num_videos)
+                                                      *cli.setting_of(name), int(args.video))
                  for name in settings}
     batch = args.batch if args.batch is not None else (8 if device.type == "cuda" else 0)
     prompts = [(ids, visual, settings)]  # the prefills timed: one prompt, then the batch
-    if batch > 1:
-        prompts.append((*batched(ids, visual, batch), only(0.5, 0.75)))
+    if batch > 1:  # the same prompt `batch` times
+        pixels = {name: p.repeat(batch, *[1] * (p.ndim - 1)) for name, p in visual.items()}
+        prompts.append((ids.expand(batch, -1), pixels, only(0.5, 0.75)))
     decode_settings = only(0.5)
     compile_seconds = None
     if args.compile:  # the warm-up runs compile
@@ -552,64 +507,58 @@ def measure(args, model, folder, load_seconds):
 
     progress(f"timing the prefill: {len(settings)} settings in turns, {args.repeats} runs each")
     runs, cache_bytes = time_prefills(model, ids, visual, settings, args.repeats)
-    prefill_ms = {name: seconds * 1e3 for name, seconds in medians(runs).items()}
-    for name, ms in prefill_ms.items():
-        progress(f"prefill, {label(name)}: {ms:.1f} ms")
+    prefill_ms = medians(runs, "prefill", "ms", 1e3)
     warning = baseline_check(runs, args.k)
     scoring_ms = time_scoring(model, ids, visual, args.k) * 1e3
     progress(f"FastV's scoring step alone: {scoring_ms:.2f} ms")
-    model_name = args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped"
-    results = {
-        "model": model_name, "device": device_name(device),
-        "dtype": str(model.dtype).removeprefix("torch."), "machine": machine_name(),
-        "torch": torch.__version__, "compiled": args.compile, "compile_seconds": compile_seconds,
-        "repeats": args.repeats, "prompt_tokens": num_tokens, "image_tokens": num_image_tokens,
-        "prefill_ms": prefill_ms,
-        # every timed run, in the order taken: the spread behind each median
-        "prefill_ms_runs": {name: [seconds * 1e3 for seconds in values]
-                            for name, values in runs.items()},
-        "warnings": [warning] if warning else [],
-        "predicted_speedup": predicted, "kv_cache_bytes": cache_bytes,
-        "peak_gpu_bytes": peak_prefill_memory(model, ids, visual, settings),
-        "scoring_ms": scoring_ms,
-        f"prefill_ms_batch{batch}": None, "load_seconds": load_seconds, "transformers": None,
-    }
+    peak_bytes = peak_prefill_memory(model, ids, visual, settings)
+    batch_ms = None
     if batch > 1:
         batch_ids, batch_visual, batch_settings = prompts[1]
         progress(f"timing the prefill of a batch of {batch}: {len(batch_settings)} settings in "
                  f"turns, {args.repeats} runs each")
         batch_runs, _ = time_prefills(model, batch_ids, batch_visual, batch_settings, args.repeats)
-        batch_ms = {name: seconds * 1e3 for name, seconds in medians(batch_runs).items()}
-        for name, ms in batch_ms.items():
-            progress(f"prefill of {batch}, {label(name)}: {ms:.1f} ms")
-        results[f"prefill_ms_batch{batch}"] = batch_ms
+        batch_ms = medians(batch_runs, f"prefill of {batch}", "ms", 1e3)
     progress(f"timing the decode: {len(decode_settings)} settings in turns, {args.repeats} runs "
              "each")
-    decode = medians(decode_speeds(model, ids, visual, decode_settings, args.repeats))
-    for name, speed in decode.items():
-        progress(f"decode, {label(name)}: {speed:.1f} tokens/s")
-    results["decode_tokens_per_s"] = decode
-    results["decode_floor_tokens_per_s"] = copy_bandwidth(device) / decode_step_bytes(model)
-    results["device_busy_share"] = device_busy_shares(model, ids, visual, decode_settings)
+    speeds = decode_speeds(model, ids, visual, decode_settings, args.repeats)
+    decode = medians(speeds, "decode", "tokens/s")
+    floor = copy_bandwidth(device) / decode_step_bytes(model)
+    busy = device_busy_shares(model, ids, visual, decode_settings)
     twin = None if args.no_transformers else transformers_twin(model, folder)
+    theirs = None
     if twin is not None:
         progress("timing transformers on the same weights, without FastV")
         theirs = compare_with_transformers(model, twin, ids, visual, args.repeats)
         progress(f"transformers: prefill {theirs['prefill_ms']:.1f} ms, decode "
                  f"{theirs['decode_tokens_per_s']:.1f} tokens/s")
-        results["transformers"] = theirs
-    return results
+    return {
+        "model": args.model or f"random {'Video-LLaVA' if args.video else 'LLaVA'}-shaped",
+        "device": device_name(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "machine": machine_name(), "torch": torch.__version__, "compiled": args.compile,
+        "compile_seconds": compile_seconds, "repeats": args.repeats,
+        "prompt_tokens": num_tokens, "image_tokens": num_image_tokens, "prefill_ms": prefill_ms,
+        # every timed run, in the order taken: the spread behind each median
+        "prefill_ms_runs": {name: [seconds * 1e3 for seconds in values]
+                            for name, values in runs.items()},
+        "warnings": [warning] if warning else [],
+        "predicted_speedup": predicted, "kv_cache_bytes": cache_bytes,
+        "peak_gpu_bytes": peak_bytes, "scoring_ms": scoring_ms,
+        f"prefill_ms_batch{batch}": batch_ms, "load_seconds": load_seconds, "transformers": theirs,
+        "decode_tokens_per_s": decode, "decode_floor_tokens_per_s": floor,
+        "device_busy_share": busy,
+    }
 
 
 def machine_name():
     """The processor's name, as /proc/cpuinfo or platform says it (the device is named apart)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def device_name(device):
@@ -622,15 +571,13 @@ def report(results, args, config):
     """The numbers as tables, for people."""
     text, k = config.text, args.k
     no_fastv, r0, half = (cli.setting_name(fastv) for fastv in (None, FastV(k, 0.0), FastV(k, 0.5)))
-    kind = "video" if args.video else "image"
-    compiled = "eager"
-    if results["compiled"]:
-        compiled = f"compiled (first runs {results['compile_seconds']:.1f} s)"
+    compiled = (f"compiled (first runs {results['compile_seconds']:.1f} s)" if results["compiled"]
+                else "eager")
     print(f"model: {results['model']} | decoder {text.hidden_size} wide, {text.num_hidden_layers} "
           f"layers | device {results['device']} on {results['machine']} | torch "
           f"{results['torch']}, {compiled} | {results['dtype']} | prompt "
-          f"{results['prompt_tokens']} tokens, {results['image_tokens']} of them {kind} | K={k} | "
-          f"median of {results['repeats']}")
+          f"{results['prompt_tokens']} tokens, {results['image_tokens']} of them "
+          f"{'video' if args.video else 'image'} | K={k} | median of {results['repeats']}")
     print(f"{'setting':>9} {'prefill ms':>10} {'speed-up':>9} {'FLOPs ratio':>11} {'predicted':>9} "
           f"{'realized/predicted':>18} {'KV cache MB':>11} {'peak GPU MiB':>12}")
     baseline = results["prefill_ms"][no_fastv]
@@ -682,15 +629,19 @@ def report(results, args, config):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_arguments(args)
     if args.json:  # before minutes of benchmark, not after
         cli.check_output(args.json, "--json")
     device = cli.pick_device(args.device)
     if args.compile:
         cli.check_compile(device)
     config, folder = model_config(args)
-    model, load_seconds = build_model(config, folder, device, cli.pick_dtype(args.dtype, device),
-                                      args.video)
+    dtype, load_seconds = cli.pick_dtype(args.dtype, device), None
+    if folder is None:
+        model = random_model(config, device, dtype)
+    else:  # a checkpoint: its load is timed
+        started = time.perf_counter()
+        model = cli.load_model(folder, device, dtype, towers=("video" if args.video else "image",))
+        load_seconds = time.perf_counter() - started
     results = measure(args, model, folder, load_seconds)
     report(results, args, model.config)
     if args.json:
