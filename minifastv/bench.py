@@ -193,7 +193,8 @@ def peak_prefill_memory(model, ids, visual, settings):
         return {name: None for name in settings}
     peaks = {}
     for name, fastv in settings.items():
-        torch.cuda.reset_peak_memory_stats(model.device)  # the last setting's cache is freed:
+        torch.cuda.reset_peak_memory_stats(model.device)
+        # the cache dies with its prefill: a peak never holds the last setting's cache too
         model(ids, **visual, cache=model.new_cache(ids, fastv), fastv=fastv, last_logits_only=True)
         peaks[name] = torch.cuda.max_memory_allocated(model.device)
     return peaks
