@@ -17,7 +17,6 @@ name another.
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -413,19 +412,6 @@ def heatmap_layers(layers, num_layers):
     return set(layers)
 
 
-def check_out(path):
-    """--out, checked before anything slow but made only when the pictures are written, so that a
-    refused run leaves no empty folder behind: the nearest folder of its path that exists must take
-    a file."""
-    path = Path(path)
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--out {path} cannot be a folder for the pictures: {existing} is a "
-                         "file.")
-    cli.check_output(existing, "--out", folder=True)  # a file can be written there
-    return path
-
-
 def stage(text):
     """One line on stderr as a slow step starts, so that a long run shows where it is."""
     print(text, file=sys.stderr, flush=True)
@@ -439,7 +425,7 @@ def main(argv=None, out=None):
     layers = None if args.heatmap_layers is None else parse_heatmap_layers(args.heatmap_layers)
     cli.check_fastv(args.k, args.r)
     cli.check_at_least("--max-new-tokens", args.max_new_tokens)
-    out_folder = check_out(args.out)
+    out_folder = cli.check_output(args.out, "--out", folder=True)  # made when writing
     question = cli.prepare_question(args)
     layers = heatmap_layers(layers, question.config.text.num_hidden_layers)
     model = cli.load_model(question.folder, question.device, question.dtype, question.towers)

@@ -646,7 +646,7 @@ def main(argv=None):
     results = measure(args, model, folder, load_seconds)
     report(results, args, model.config)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        cli.write_output(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return results
 

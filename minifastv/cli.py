@@ -138,22 +138,28 @@ def check_fastv(k, r, num_layers=None, num_image_tokens=0):
 
 
 def check_output(path, flag, folder=False):
-    """Refuse an output that cannot be written, before any slow work: a file's folder (or the
-    folder itself, folder=True) is created if missing and must take a file. Returns the path."""
+    """Refuse an output that cannot be written, before any slow work: a file output must not be a
+    folder, and the nearest folder of the path that exists must take a file. Creates nothing, so
+    that a refused run leaves nothing behind: the writer makes the missing folders."""
     path = Path(path)
-    where = path if folder else path.parent
-    try:
-        if not folder and path.is_dir():
-            raise IsADirectoryError(21, "it is a folder")
-        where.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=where).close()
-    except (FileExistsError, NotADirectoryError):
+    if not folder and path.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written (it is a folder): choose another place.")
+    existing = next(where for where in (path, *path.parents) if where.exists())
+    if not existing.is_dir():
         raise UsageError(f"{flag} {path} cannot be written: a file stands where a folder of its "
-                         "path should be.") from None
+                         f"path should be ({existing} is a file).")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise UsageError(f"{flag} {path} cannot be written ({error.strerror or error}): "
                          "choose another place.") from None
     return path
+
+
+def write_output(path, text):
+    """Write an output checked by check_output, making its missing folders first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def pick_device(name):

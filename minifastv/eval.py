@@ -567,6 +567,7 @@ def main(argv=None, out=None):
         raise UsageError("A question is too long: with its image tokens and --max-new-tokens it "
                          f"passes the model's {config.text.max_position_embeddings}-token context.")
     model = cli.load_model(folder, device, dtype, towers=("image",))
+    answers_path.parent.mkdir(parents=True, exist_ok=True)  # cli.check_output makes no folder
     with open(answers_path, "a", encoding="utf-8") as answers_file:
         if not args.resume:
             answers_file.write(json.dumps(header) + "\n")
@@ -582,9 +583,9 @@ def main(argv=None, out=None):
           f"{args.system}), {args.model}", file=out)
     print(table(task, results), file=out)
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))
+        cli.write_output(args.json, json.dumps({"header": header, "results": results}, indent=1))
     if args.svg:
-        Path(args.svg).write_text(svg(results))
+        cli.write_output(args.svg, svg(results))
 
 
 def command(argv=None):

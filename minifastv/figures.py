@@ -827,7 +827,7 @@ def main(argv=None):
                "rope_decay.svg": rope_decay_svg(), "flops_and_time.svg": flops_and_time,
                "gpu_time.svg": gpu_time_svg(), "kept_patches.svg": kept_patches_svg()}
     for name, svg in figures.items():
-        (Path(args.out) / name).write_text(svg, encoding="utf-8")
+        cli.write_output(Path(args.out) / name, svg)
         print(f"wrote {Path(args.out) / name}")
 
 

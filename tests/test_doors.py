@@ -41,11 +41,12 @@ def test_a_folder_given_for_a_file_is_refused(tmp_path):
         cli.check_output(tmp_path, "--json")
 
 
-def test_missing_folders_of_an_output_are_made(tmp_path):
+def test_the_check_makes_nothing_and_the_writer_makes_the_folders(tmp_path):
     target = tmp_path / "a" / "b" / "out.json"
     assert cli.check_output(target, "--json") == target
-    assert target.parent.is_dir() and not target.exists()  # the folder is made, the file is not
-    assert list(target.parent.iterdir()) == []  # and the probe left nothing behind
+    assert list(tmp_path.iterdir()) == []  # a refused run later on leaves nothing behind
+    cli.write_output(target, "{}")
+    assert target.read_text() == "{}"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
